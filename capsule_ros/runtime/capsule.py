@@ -1,0 +1,382 @@
+# Copyright 2026 The capsule_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Capsules (immutable records of a session's complete state) and the budgeted store.
+
+Storage model. The sequence buffers (KV, token journal) of a capsule at position P are a
+*chain* of segments covering ``[0, P)``. A segment is a position range written once by one
+session; it lives in one or more slots ("resident") and/or as a copy in the host pool
+("materialized"). A snapshot adds at most one segment, the range written since the session's
+previous capsule, and copies nothing but the small fixed state, so its cost does not depend on
+the context length. Children share their parent's segments (delta capsules, reference
+counted). Before a slot overwrites positions that a live capsule still needs, the engine asks
+the store to materialize exactly the doomed segments that exist nowhere else (copy-on-write).
+
+Budget. ``used_bytes`` = fixed state of every capsule + every materialized segment. It never
+exceeds ``budget_bytes``: room is made by first dropping pool copies that are also resident,
+then evicting unpinned capsules in least-recently-used order.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+import enum
+import itertools
+import threading
+import time
+from typing import Callable
+import uuid
+
+import torch
+
+from capsule_ros.runtime.errors import (BudgetExceededError, InvalidArgumentError,
+                                        UnknownCapsuleError)
+from capsule_ros.runtime.state import StateKind, StateLayout, sequence_range
+
+
+class Tier(str, enum.Enum):
+    """Where a capsule's bytes are (the slowest part decides)."""
+
+    SLOT = 'slot'   # every segment still sits in a slot: restore there costs no KV copy
+    HOST = 'host'   # some segment lives only in the host pool
+    DISK = 'disk'   # saved file only (listed by the capsule directory, not held in memory)
+
+
+class EventKind(str, enum.Enum):
+    """Capsule lifecycle events (one message each on ``/capsule/events``)."""
+
+    CREATED = 'created'
+    RESTORED = 'restored'
+    BRANCHED = 'branched'
+    EVICTED = 'evicted'
+    RELEASED = 'released'
+    SAVED = 'saved'
+    LOADED = 'loaded'
+
+
+@dataclass(frozen=True)
+class CapsuleEvent:
+    """One capsule event."""
+
+    kind: EventKind
+    capsule_id: str
+    session_id: str = ''
+    detail: str = ''
+    latency_s: float = 0.0
+
+
+class Slot:
+    """Statically allocated live buffers of one session, plus which segments sit in them."""
+
+    def __init__(self, index: int, buffers: dict[str, torch.Tensor]):
+        """Own ``buffers`` (allocated once from the StateLayout)."""
+        self.index = index
+        self.buffers = buffers
+        self.resident: set['Segment'] = set()
+
+    def __repr__(self):
+        """Short form for messages."""
+        return f'Slot({self.index})'
+
+
+class Segment:
+    """Positions ``[start, end)`` of every sequence buffer, written once by one session."""
+
+    def __init__(self, start: int, end: int, num_bytes: int, uid: str | None = None):
+        """Create an empty segment record; residency and data are filled by the owner."""
+        self.uid = uid or uuid.uuid4().hex
+        self.start = start
+        self.end = end
+        self.num_bytes = num_bytes
+        self.data: dict[str, torch.Tensor] | None = None  # host pool copy
+        self.residences: set[Slot] = set()
+        self.capsule_refs = 0
+
+    def read(self, layout: StateLayout) -> dict[str, torch.Tensor]:
+        """Views of this segment's bytes: the pool copy, else a slot holding it."""
+        if self.data is not None:
+            return self.data
+        slot = next(iter(self.residences))
+        return {spec.name: sequence_range(slot.buffers[spec.name], spec, self.start, self.end)
+                for spec in layout.sequence_specs}
+
+
+@dataclass(frozen=True, eq=False)
+class Capsule:
+    """Immutable record of a session's complete restorable state at a token boundary."""
+
+    capsule_id: str
+    label: str
+    session_id: str
+    parent_id: str
+    position: int
+    fingerprint: str
+    created: float
+    chain: tuple[Segment, ...]
+    fixed: dict[str, torch.Tensor]
+    fixed_bytes: int
+
+    @property
+    def sequence_bytes(self) -> int:
+        """Bytes of the whole sequence state ``[0, position)`` (KV + journal)."""
+        return sum(segment.num_bytes for segment in self.chain)
+
+
+@dataclass(frozen=True)
+class CapsuleInfo:
+    """What clients see of a capsule (the ROS layer converts it to ``CapsuleInfo.msg``)."""
+
+    capsule_id: str
+    parent_id: str
+    session_id: str
+    label: str
+    num_tokens: int
+    kv_bytes: int
+    state_bytes: int
+    shared_bytes: int
+    tier: Tier
+    pinned: bool
+    resident_in_slot: bool
+    created: float
+    fingerprint: str
+    children: tuple[str, ...]
+
+
+class CapsuleStore:
+    """Live capsules, their pins, LRU order, lineage, and the byte budget of the pool.
+
+    Not thread-safe by itself: the engine calls it under its own lock.
+    """
+
+    def __init__(self, layout: StateLayout, budget_bytes: int,
+                 on_event: Callable[[CapsuleEvent], None] | None = None):
+        """Start empty with a budget in bytes."""
+        self.layout = layout
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self._capsules: OrderedDict[str, Capsule] = OrderedDict()  # oldest use first
+        self._pinned: set[str] = set()
+        self._on_event = on_event or (lambda event: None)
+        self._counter = itertools.count(1)
+        self._segments_by_uid: dict[str, Segment] = {}
+        self.lock = threading.RLock()
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def __contains__(self, capsule_id: str) -> bool:
+        """Whether a live capsule has this id."""
+        return capsule_id in self._capsules
+
+    def __len__(self) -> int:
+        """Number of live capsules."""
+        return len(self._capsules)
+
+    def get(self, capsule_id: str, touch: bool = True) -> Capsule:
+        """The live capsule ``capsule_id`` (marks it recently used)."""
+        capsule = self._capsules.get(capsule_id)
+        if capsule is None:
+            raise UnknownCapsuleError(
+                f'no capsule {capsule_id!r}: it was never created, or was released or evicted '
+                f'(list the live ones with the list service)')
+        if touch:
+            self._capsules.move_to_end(capsule_id)
+        return capsule
+
+    def capsules(self) -> list[Capsule]:
+        """Live capsules in creation-independent LRU order (oldest use first)."""
+        return list(self._capsules.values())
+
+    def children(self, capsule_id: str) -> tuple[str, ...]:
+        """Ids of live capsules whose lineage parent is ``capsule_id``."""
+        return tuple(capsule.capsule_id for capsule in self._capsules.values()
+                     if capsule.parent_id == capsule_id)
+
+    def is_pinned(self, capsule_id: str) -> bool:
+        """Whether the capsule is pinned (never evicted)."""
+        return capsule_id in self._pinned
+
+    def info(self, capsule: Capsule) -> CapsuleInfo:
+        """Describe a capsule for clients."""
+        resident = all(segment.residences for segment in capsule.chain)
+        kv_per_position = sum(spec.bytes_per_position() for spec in self.layout.sequence_specs
+                              if spec.kind is StateKind.KV)
+        other_per_position = sum(spec.bytes_per_position()
+                                 for spec in self.layout.sequence_specs
+                                 if spec.kind is not StateKind.KV)
+        return CapsuleInfo(
+            capsule_id=capsule.capsule_id,
+            parent_id=capsule.parent_id,
+            session_id=capsule.session_id,
+            label=capsule.label,
+            num_tokens=capsule.position,
+            kv_bytes=kv_per_position * capsule.position,
+            state_bytes=capsule.fixed_bytes + other_per_position * capsule.position,
+            shared_bytes=sum(segment.num_bytes for segment in capsule.chain
+                             if segment.capsule_refs > 1),
+            tier=Tier.SLOT if resident else Tier.HOST,
+            pinned=capsule.capsule_id in self._pinned,
+            resident_in_slot=resident,
+            created=capsule.created,
+            fingerprint=capsule.fingerprint,
+            children=self.children(capsule.capsule_id),
+        )
+
+    def segment_by_uid(self, uid: str) -> Segment | None:
+        """A live segment with this uid (used to share prefixes of loaded capsules)."""
+        return self._segments_by_uid.get(uid)
+
+    # -- ids --------------------------------------------------------------------------------
+
+    def new_capsule_id(self, label: str) -> str:
+        """The id of a new capsule: its label if given (must be free), else ``cap-N``."""
+        if label:
+            if label in self._capsules:
+                raise InvalidArgumentError(
+                    f'capsule id {label!r} already exists; release it first or choose another '
+                    f'label')
+            return label
+        while True:
+            candidate = f'cap-{next(self._counter)}'
+            if candidate not in self._capsules:
+                return candidate
+
+    # -- mutation ---------------------------------------------------------------------------
+
+    def add(self, capsule: Capsule, pin: bool) -> None:
+        """Insert a capsule; its pool segments must already be charged (see ``charge``).
+
+        Makes room afterwards, never evicting the new capsule; if the budget cannot be met,
+        the capsule is taken out again and ``BudgetExceededError`` raised.
+        """
+        for segment in capsule.chain:
+            if segment.capsule_refs == 0:
+                self._segments_by_uid[segment.uid] = segment
+            segment.capsule_refs += 1
+        self.used_bytes += capsule.fixed_bytes
+        self._capsules[capsule.capsule_id] = capsule
+        if pin:
+            self._pinned.add(capsule.capsule_id)
+        try:
+            self.make_room(0, protect=frozenset([capsule.capsule_id]))
+        except BudgetExceededError:
+            self._remove(capsule.capsule_id)
+            raise
+
+    def check_fits(self, capsule_bytes: int, what: str) -> None:
+        """Refuse a capsule that could never be held whole within the budget."""
+        if capsule_bytes > self.budget_bytes:
+            raise BudgetExceededError(
+                f'{what} needs {_mib(capsule_bytes)} but capsules.budget_bytes is '
+                f'{_mib(self.budget_bytes)}; raise the budget or keep contexts shorter')
+
+    def release(self, capsule_id: str, kind: EventKind = EventKind.RELEASED) -> int:
+        """Drop a capsule; returns the bytes freed (shared segments stay for the others)."""
+        capsule = self.get(capsule_id, touch=False)
+        before = self.used_bytes
+        self._remove(capsule_id)
+        self._on_event(CapsuleEvent(kind, capsule_id, capsule.session_id))
+        return before - self.used_bytes
+
+    def _remove(self, capsule_id: str) -> None:
+        capsule = self._capsules.pop(capsule_id)
+        self._pinned.discard(capsule_id)
+        self.used_bytes -= capsule.fixed_bytes
+        for segment in capsule.chain:
+            segment.capsule_refs -= 1
+            if segment.capsule_refs == 0:
+                self._segments_by_uid.pop(segment.uid, None)
+                self._drop_pool_copy(segment)
+
+    def set_pinned(self, capsule_id: str, pinned: bool) -> None:
+        """Pin (never evict) or unpin a capsule."""
+        self.get(capsule_id, touch=False)
+        (self._pinned.add if pinned else self._pinned.discard)(capsule_id)
+
+    def charge(self, segment: Segment, data: dict[str, torch.Tensor]) -> None:
+        """Attach a pool copy to a segment and account its bytes (room must be made first)."""
+        segment.data = data
+        self.used_bytes += segment.num_bytes
+
+    def materialize(self, doomed: list[Segment], slot: Slot,
+                    protect: frozenset[str] = frozenset()) -> None:
+        """Copy-on-write: keep the doomed segments of ``slot`` that capsules still need.
+
+        A segment needs a pool copy only if a capsule references it, it has none yet, and
+        ``slot`` is its last residence. Makes room first (which may evict unpinned capsules,
+        possibly the very ones that needed the bytes); raises ``BudgetExceededError`` before
+        copying anything when pinned capsules need more than the budget can hold.
+        """
+        def needed():
+            return [segment for segment in doomed
+                    if segment.capsule_refs > 0 and segment.data is None
+                    and segment.residences <= {slot}]
+
+        while True:
+            needing = needed()
+            need_bytes = sum(segment.num_bytes for segment in needing)
+            if self.used_bytes + need_bytes <= self.budget_bytes:
+                break
+            if not self._free_some(exclude_segments=set(doomed), exclude_capsules=protect):
+                holders = sorted(capsule.capsule_id for capsule in self._capsules.values()
+                                 if set(capsule.chain) & set(needing))
+                raise BudgetExceededError(
+                    f'the capsule budget ({_mib(self.budget_bytes)}) cannot keep the '
+                    f'{_mib(need_bytes)} of KV that pinned capsule(s) {holders} need before '
+                    f'{slot} is overwritten; release or unpin capsules, or raise '
+                    f'capsules.budget_bytes')
+        for segment in needing:
+            self.charge(segment, {name: tensor.clone()
+                                  for name, tensor in segment.read(self.layout).items()})
+
+    def make_room(self, num_bytes: int, protect: frozenset[str] = frozenset()) -> None:
+        """Ensure ``num_bytes`` more fit under the budget, evicting if needed."""
+        while self.used_bytes + num_bytes > self.budget_bytes:
+            if not self._free_some(exclude_capsules=protect):
+                raise BudgetExceededError(
+                    f'the capsule budget ({_mib(self.budget_bytes)}) is full with pinned or '
+                    f'protected capsules ({_mib(self.used_bytes)} used, {_mib(num_bytes)} '
+                    f'more needed); release or unpin capsules, or raise capsules.budget_bytes')
+
+    def _free_some(self, exclude_segments: set[Segment] = frozenset(),
+                   exclude_capsules: frozenset[str] = frozenset()) -> bool:
+        """Free some bytes: a redundant pool copy first, else evict the LRU unpinned capsule."""
+        for capsule in self._capsules.values():
+            for segment in capsule.chain:
+                if (segment.data is not None and segment.residences
+                        and segment not in exclude_segments):
+                    self._drop_pool_copy(segment)
+                    return True
+        for capsule_id in self._capsules:
+            if capsule_id not in self._pinned and capsule_id not in exclude_capsules:
+                self.release(capsule_id, kind=EventKind.EVICTED)
+                return True
+        return False
+
+    def _drop_pool_copy(self, segment: Segment) -> None:
+        if segment.data is not None:
+            segment.data = None
+            self.used_bytes -= segment.num_bytes
+
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Total bytes of a dict of tensors."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+
+
+def _mib(num_bytes: int) -> str:
+    return f'{num_bytes / (1 << 20):.1f} MiB'
+
+
+def now() -> float:
+    """Wall-clock creation stamp of a capsule."""
+    return time.time()

@@ -1,0 +1,679 @@
+# Copyright 2026 The capsule_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""PolicyEngine: sessions over static slots, prefill/decode/generate, and the capsule verbs.
+
+Concurrency: one engine lock guards the session table, the capsule store and slot residency
+(held for bookkeeping and memory copies, never across a forward pass). Each session has a busy
+lock: an operation on a session that another operation holds fails fast with
+``SessionBusyError``; other sessions are not blocked.
+"""
+
+from dataclasses import dataclass
+import enum
+import hashlib
+import itertools
+import threading
+import time
+from typing import Callable, Iterable
+
+import torch
+
+from capsule_ros.runtime import loader, persist
+from capsule_ros.runtime.capsule import (Capsule, CapsuleEvent, CapsuleInfo, CapsuleStore,
+                                         EventKind, Segment, Slot, tensor_bytes)
+from capsule_ros.runtime.chat import ChatFormatter, Role, TurnState
+from capsule_ros.runtime.config import PolicyConfig, SamplingConfig
+from capsule_ros.runtime.errors import (check_plain_name, ContextFullError,
+                                        FingerprintMismatchError, InvalidArgumentError,
+                                        SessionBusyError, UnknownSessionError)
+from capsule_ros.runtime.models.llama import LlamaConfig, LlamaModel
+from capsule_ros.runtime.sampling import new_generator, select_token
+from capsule_ros.runtime.state import BufferSpec, StateKind, StateLayout, sequence_range
+
+MAX_BRANCHES = 64
+# meta scalars: [position, turn state, has last logits]
+SCALAR_POSITION, SCALAR_TURN, SCALAR_HAS_LOGITS = range(3)
+
+
+class StopReason(str, enum.Enum):
+    """Why a generation ended."""
+
+    EOS = 'eos'
+    STOP_STRING = 'stop_string'
+    MAX_TOKENS = 'max_tokens'
+    CANCELED = 'canceled'
+    CONTEXT_FULL = 'context_full'
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Outcome of ``generate``."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    stop_reason: StopReason
+    first_token_s: float
+    elapsed_s: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode rate after the first token."""
+        decode_s = self.elapsed_s - self.first_token_s
+        count = len(self.token_ids) - 1
+        return count / decode_s if count > 0 and decode_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """Outcome of ``restore``."""
+
+    session_id: str
+    num_tokens: int
+    copied_bytes: int
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """Outcome of ``save``."""
+
+    path: str
+    bytes_written: int
+    latency_s: float
+
+
+class Session:
+    """One conversation: a slot, a position, its chain of segments, its RNG and defaults."""
+
+    def __init__(self, session_id: str, slot: Slot, sampling: SamplingConfig):
+        """Start empty at position 0."""
+        self.session_id = session_id
+        self.slot = slot
+        self.position = 0
+        self.turn = TurnState.IDLE
+        self.has_logits = False
+        self.chain: tuple[Segment, ...] = ()  # describes slot positions [0, chain_end)
+        self.parent_id = ''  # lineage parent for the next snapshot
+        self.sampling = sampling
+        self.generator = new_generator(max(sampling.seed, 0))
+        self.busy = threading.Lock()
+
+    @property
+    def chain_end(self) -> int:
+        """First position not described by the chain."""
+        return self.chain[-1].end if self.chain else 0
+
+
+class PolicyEngine:
+    """The policy LLM with snapshot / restore / branch over its complete execution state."""
+
+    def __init__(self, config: PolicyConfig | None = None,
+                 progress: loader.ProgressCallback | None = loader.print_progress,
+                 on_event: Callable[[CapsuleEvent], None] | None = None):
+        """Load the model, allocate ``max_sessions`` slots and an empty capsule store."""
+        self.config = config or PolicyConfig()
+        report = progress or (lambda line: None)
+        started = time.monotonic()
+        backend = self.config.backend
+        if backend.num_threads:
+            torch.set_num_threads(backend.num_threads)
+        self.device = torch.device(backend.device)
+        if self.device.type == 'cuda' and not torch.cuda.is_available():
+            raise InvalidArgumentError('parameter backend.device: CUDA is not available here')
+        self.dtype = getattr(torch, self.config.model.dtype)
+        cache_dir = loader.Path(self.config.model.cache_dir) if self.config.model.cache_dir \
+            else None
+        files = loader.resolve_model(self.config.model.path, cache_dir, progress)
+        report(f'loading weights from {files.directory}')
+        hf_config, weights = loader.load_hf_directory(files.directory)
+        self.model_config = LlamaConfig.from_hf(hf_config)
+        max_seq_len = self.config.engine.max_seq_len
+        if max_seq_len > self.model_config.max_position_embeddings:
+            raise InvalidArgumentError(
+                f'parameter engine.max_seq_len: {max_seq_len} exceeds the model\'s '
+                f'{self.model_config.max_position_embeddings} positions')
+        self.model = LlamaModel(self.model_config, weights, self.dtype, self.device, max_seq_len)
+        del weights
+        self.tokenizer = loader.load_tokenizer(files.directory)
+        self.chat = ChatFormatter(self.tokenizer)
+        self.eos_token_ids = self._eos_token_ids(hf_config)
+        self.max_seq_len = max_seq_len
+        vocab_size = self.model_config.vocab_size
+        rng_bytes = torch.Generator().get_state().numel()
+        self.layout = StateLayout(self.model.state_specs() + [
+            BufferSpec('tokens', StateKind.META, (max_seq_len,), torch.int64, seq_axis=0),
+            BufferSpec('last_logits', StateKind.META, (vocab_size,), torch.float32),
+            BufferSpec('rng_state', StateKind.META, (rng_bytes,), torch.uint8),
+            BufferSpec('scalars', StateKind.META, (4,), torch.int64),
+        ])
+        self.fingerprint = self._fingerprint(files.weights_sha256)
+        report(f'allocating {self.config.engine.max_sessions} slots of '
+               f'{self.layout.slot_bytes() / (1 << 20):.0f} MiB')
+        self._free_slots = [Slot(index, self.layout.allocate(self.device))
+                            for index in range(self.config.engine.max_sessions)]
+        self._listeners: list[Callable[[CapsuleEvent], None]] = [on_event] if on_event else []
+        self.store = CapsuleStore(self.layout, self.config.capsules.budget_bytes,
+                                  on_event=self._emit)
+        self._lock = self.store.lock
+        self._sessions: dict[str, Session] = {}
+        self._session_counter = itertools.count()
+        self.model_name = files.source
+        self.last_latencies: dict[str, float] = {}
+        report(f'model ready in {time.monotonic() - started:.1f} s '
+               f'(fingerprint {self.fingerprint})')
+
+    # -- identity ---------------------------------------------------------------------------
+
+    def _fingerprint(self, weights_sha256: str) -> str:
+        parts = [weights_sha256, self.model_config.hf_config_json, str(self.dtype),
+                 self.config.backend.kind, self.device.type, self.layout.layout_hash()]
+        return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:32]
+
+    def _eos_token_ids(self, hf_config: dict) -> frozenset[int]:
+        ids = hf_config.get('eos_token_id')
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def add_listener(self, listener: Callable[[CapsuleEvent], None]) -> None:
+        """Receive every capsule event."""
+        self._listeners.append(listener)
+
+    def _emit(self, event: CapsuleEvent) -> None:
+        for listener in self._listeners:
+            listener(event)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def create_session(self, session_id: str = '', sampling: SamplingConfig | None = None,
+                       system_prompt: bool = True) -> str:
+        """Open a session in a free slot; prefill the configured system prompt if any."""
+        with self._lock:
+            session = self._new_session(session_id, sampling)
+        prompt = self.config.engine.system_prompt
+        if prompt and system_prompt:
+            self.append(session.session_id, prompt, role=Role.SYSTEM)
+        return session.session_id
+
+    def _new_session(self, session_id: str, sampling: SamplingConfig | None) -> Session:
+        if session_id:
+            check_plain_name(session_id, 'session id')
+            if session_id in self._sessions:
+                raise InvalidArgumentError(f'session {session_id!r} already exists')
+        else:
+            session_id = next(candidate for candidate in
+                              (f's{index}' for index in self._session_counter)
+                              if candidate not in self._sessions)
+        if not self._free_slots:
+            raise InvalidArgumentError(
+                f'all {self.config.engine.max_sessions} session slots are in use; close a '
+                f'session or raise engine.max_sessions')
+        slot = self._free_slots.pop(0)
+        session = Session(session_id, slot,
+                          sampling or self.config.generation.sampling())
+        self._sessions[session_id] = session
+        return session
+
+    def close_session(self, session_id: str) -> None:
+        """Close a session and free its slot; capsules made in it stay restorable."""
+        with self._lock:
+            session = self._session(session_id)
+            with self._hold(session):
+                self._discard_session(session)
+
+    def sessions(self) -> list[str]:
+        """Ids of open sessions."""
+        with self._lock:
+            return list(self._sessions)
+
+    def session_position(self, session_id: str) -> int:
+        """Number of tokens in the session."""
+        with self._lock:
+            return self._session(session_id).position
+
+    def session_tokens(self, session_id: str) -> list[int]:
+        """The session's token journal."""
+        with self._lock:
+            session = self._session(session_id)
+            return session.slot.buffers['tokens'][:session.position].tolist()
+
+    def session_logits(self, session_id: str) -> torch.Tensor:
+        """A copy of the session's last logits [V] (what the next token is sampled from)."""
+        with self._lock:
+            session = self._session(session_id)
+            if not session.has_logits:
+                raise InvalidArgumentError(f'session {session_id!r} is empty')
+            return session.slot.buffers['last_logits'].clone()
+
+    def _session(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise UnknownSessionError(
+                f'no session {session_id!r}; open sessions: {sorted(self._sessions) or "none"}')
+        return session
+
+    def _hold(self, session: Session):
+        if not session.busy.acquire(blocking=False):
+            raise SessionBusyError(
+                f'session {session.session_id!r} is busy (a generation or another operation '
+                f'runs on it); retry when it finishes or cancel the generation')
+        return _Release(session.busy)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _prepare_write(self, slot: Slot, position: int,
+                       protect: frozenset[str] = frozenset()) -> None:
+        """Copy-on-write: keep what capsules need of slot positions >= ``position``."""
+        doomed = [segment for segment in slot.resident if segment.end > position]
+        if not doomed:
+            return
+        with self._lock:
+            self.store.materialize(doomed, slot, protect)
+            for segment in doomed:
+                segment.residences.discard(slot)
+                slot.resident.discard(segment)
+
+    def _run(self, session: Session, token_ids: list[int],
+             progress: Callable[[int, int], None] | None = None) -> None:
+        """Prefill ``token_ids`` in chunks at the session's position (caller holds session)."""
+        if not token_ids:
+            return
+        vocab_size = self.model_config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+            raise InvalidArgumentError(f'token ids must be in [0, {vocab_size})')
+        if session.position + len(token_ids) > self.max_seq_len:
+            raise ContextFullError(
+                f'session {session.session_id!r} holds {session.position} tokens; '
+                f'{len(token_ids)} more exceed engine.max_seq_len={self.max_seq_len}')
+        self._prepare_write(session.slot, session.position)
+        buffers = session.slot.buffers
+        chunk = self.config.engine.prefill_chunk
+        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        for offset in range(0, len(token_ids), chunk):
+            piece = ids[offset:offset + chunk]
+            start = session.position
+            logits = self.model.forward(piece, start, buffers['kv'])
+            buffers['tokens'][start:start + piece.shape[0]] = piece
+            buffers['last_logits'].copy_(logits)
+            session.position = start + piece.shape[0]
+            session.has_logits = True
+            if progress:
+                progress(offset + piece.shape[0], len(token_ids))
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` (special tokens in the text are recognized)."""
+        return self.tokenizer(text, add_special_tokens=False)['input_ids']
+
+    def append(self, session_id: str, text: str | None = None,
+               tokens: Iterable[int] | None = None, role: Role | str = Role.USER,
+               progress: Callable[[int, int], None] | None = None) -> int:
+        """Add a message (formatted by the chat template) or raw tokens; returns the count.
+
+        ``tokens`` and ``Role.RAW`` text go in verbatim and leave the chat turn state as is.
+        """
+        role = Role(role)
+        if (text is None) == (tokens is None):
+            raise InvalidArgumentError('append needs exactly one of text or tokens')
+        with self._lock:
+            session = self._session(session_id)
+            hold = self._hold(session)
+        with hold:
+            if tokens is not None:
+                token_ids = [int(token) for token in tokens]
+            else:
+                formatted = self.chat.message_text(role, text, session.position == 0,
+                                                   session.turn)
+                token_ids = self.tokenize(formatted)
+            self._run(session, token_ids, progress)
+            if tokens is None and role is not Role.RAW:
+                session.turn = TurnState.IDLE
+            return len(token_ids)
+
+    def generate(self, session_id: str, max_new_tokens: int,
+                 sampling: SamplingConfig | None = None, stop: Iterable[str] = (),
+                 on_token: Callable[[int, str], None] | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult:
+        """Decode up to ``max_new_tokens`` as the assistant, streaming through ``on_token``.
+
+        The session's last logits give the first token without recomputation; every emitted
+        token is run through the model so the session ends at a clean boundary.
+        """
+        if not 1 <= max_new_tokens <= self.max_seq_len:
+            raise InvalidArgumentError(
+                f'max_new_tokens={max_new_tokens} must be in [1, {self.max_seq_len}]')
+        stop = [text for text in stop if text]
+        with self._lock:
+            session = self._session(session_id)
+            hold = self._hold(session)
+        with hold:
+            started = time.monotonic()
+            if sampling is not None:
+                if sampling.seed >= 0:
+                    session.generator.manual_seed(sampling.seed)
+                active = sampling
+            else:
+                active = session.sampling
+            if not session.has_logits:
+                raise InvalidArgumentError(
+                    f'session {session_id!r} is empty; append a prompt before generating')
+            header = self.tokenize(self.chat.reply_header(session.turn))
+            if header:
+                self._run(session, header)
+                session.turn = TurnState.ASSISTANT_OPEN
+            generated: list[int] = []
+            text = ''
+            first_token_s = 0.0
+            reason = StopReason.MAX_TOKENS
+            buffers = session.slot.buffers
+            while len(generated) < max_new_tokens:
+                if cancel is not None and cancel.is_set():
+                    reason = StopReason.CANCELED
+                    break
+                if session.position >= self.max_seq_len:
+                    reason = StopReason.CONTEXT_FULL
+                    break
+                token = select_token(buffers['last_logits'], active, session.generator)
+                if not generated:
+                    first_token_s = time.monotonic() - started
+                generated.append(token)
+                self._run(session, [token])
+                if token in self.eos_token_ids:
+                    session.turn = TurnState.ASSISTANT_ENDED
+                    reason = StopReason.EOS
+                    break
+                new_text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                delta = new_text[len(text):]
+                text = new_text
+                if on_token:
+                    on_token(token, delta)
+                hit = min((text.find(s) for s in stop if s in text), default=-1)
+                if hit >= 0:
+                    text = text[:hit]
+                    reason = StopReason.STOP_STRING
+                    break
+            return GenerationResult(text, tuple(generated), reason, first_token_s,
+                                    time.monotonic() - started)
+
+    # -- capsule verbs ----------------------------------------------------------------------
+
+    def snapshot(self, session_id: str, label: str = '', pin: bool = False) -> CapsuleInfo:
+        """Capture the session's complete state; copies no KV (cost independent of length)."""
+        if label:
+            check_plain_name(label, 'label')
+        started = time.perf_counter()
+        with self._lock:
+            session = self._session(session_id)
+            with self._hold(session):
+                capsule_id = self.store.new_capsule_id(label)
+                self.store.check_fits(self.layout.sequence_bytes(session.position)
+                                      + self._fixed_bytes(), f'capsule of {session.position} '
+                                      f'tokens')
+                chain = session.chain
+                if session.position > session.chain_end:
+                    segment = Segment(session.chain_end, session.position,
+                                      self.layout.sequence_bytes(session.position)
+                                      - self.layout.sequence_bytes(session.chain_end))
+                    segment.residences.add(session.slot)
+                    session.slot.resident.add(segment)
+                    chain = chain + (segment,)
+                capsule = Capsule(
+                    capsule_id=capsule_id, label=label, session_id=session_id,
+                    parent_id=session.parent_id, position=session.position,
+                    fingerprint=self.fingerprint, created=time.time(), chain=chain,
+                    fixed=self._export_fixed(session), fixed_bytes=self._fixed_bytes())
+                self.store.add(capsule, pin)
+                session.chain = chain
+                session.parent_id = capsule_id
+                latency = time.perf_counter() - started
+                self.last_latencies['snapshot'] = latency
+                self._emit(CapsuleEvent(EventKind.CREATED, capsule_id, session_id,
+                                        f'{session.position} tokens', latency))
+                return self.store.info(capsule)
+
+    def _fixed_bytes(self) -> int:
+        return sum(spec.num_bytes for spec in self.layout.fixed_specs)
+
+    def _export_fixed(self, session: Session) -> dict[str, torch.Tensor]:
+        buffers = session.slot.buffers
+        scalars = buffers['scalars']
+        scalars[SCALAR_POSITION] = session.position
+        scalars[SCALAR_TURN] = int(session.turn)
+        scalars[SCALAR_HAS_LOGITS] = int(session.has_logits)
+        buffers['rng_state'].copy_(session.generator.get_state())
+        return {spec.name: buffers[spec.name].clone() for spec in self.layout.fixed_specs}
+
+    def _import_fixed(self, session: Session, fixed: dict[str, torch.Tensor]) -> None:
+        buffers = session.slot.buffers
+        for spec in self.layout.fixed_specs:
+            buffers[spec.name].copy_(fixed[spec.name])
+        scalars = buffers['scalars'].tolist()
+        session.position = scalars[SCALAR_POSITION]
+        session.turn = TurnState(scalars[SCALAR_TURN])
+        session.has_logits = bool(scalars[SCALAR_HAS_LOGITS])
+        session.generator.set_state(buffers['rng_state'].clone())
+
+    def restore(self, capsule_id: str, session_id: str = '') -> RestoreResult:
+        """Put a capsule's state into a session (its own by default, or a new one).
+
+        Same slot and still resident: only the small fixed state is copied. Otherwise the
+        missing segments are copied in at memory speed, after copy-on-write has saved whatever
+        other capsules need of the positions being overwritten.
+        """
+        started = time.perf_counter()
+        with self._lock:
+            capsule = self.store.get(capsule_id)
+            self._check_fingerprint(capsule)
+            target = session_id or capsule.session_id
+            if target not in self._sessions and not session_id:
+                target = ''  # the capsule's session is gone: open a new one
+            session = self._session(target) if target else self._new_session('', None)
+            try:
+                with self._hold(session):
+                    copied = self._enter(session, capsule)
+            except Exception:
+                if not target:
+                    self._discard_session(session)
+                raise
+            latency = time.perf_counter() - started
+            self.last_latencies['restore'] = latency
+            self._emit(CapsuleEvent(EventKind.RESTORED, capsule_id, session.session_id,
+                                    f'copied {copied} bytes', latency))
+            return RestoreResult(session.session_id, capsule.position, copied, latency)
+
+    def _enter(self, session: Session, capsule: Capsule) -> int:
+        """Make ``session`` continue from ``capsule``; returns the KV bytes copied."""
+        copied = self._load_chain(session, capsule)
+        self._import_fixed(session, capsule.fixed)
+        session.chain = capsule.chain
+        session.parent_id = capsule.capsule_id
+        return copied
+
+    def _discard_session(self, session: Session) -> None:
+        """Undo ``_new_session`` after a failed restore or branch."""
+        self._prepare_write(session.slot, 0)
+        self._sessions.pop(session.session_id, None)
+        self._free_slots.append(session.slot)
+
+    def _load_chain(self, session: Session, capsule: Capsule) -> int:
+        slot = session.slot
+        missing = [segment for segment in capsule.chain if slot not in segment.residences]
+        if not missing:
+            return 0
+        self._prepare_write(slot, missing[0].start, frozenset([capsule.capsule_id]))
+        copied = 0
+        for segment in missing:
+            source = segment.read(self.layout)
+            for spec in self.layout.sequence_specs:
+                sequence_range(slot.buffers[spec.name], spec, segment.start,
+                               segment.end).copy_(source[spec.name])
+            segment.residences.add(slot)
+            slot.resident.add(segment)
+            copied += segment.num_bytes
+        return copied
+
+    def _check_fingerprint(self, capsule: Capsule) -> None:
+        if capsule.fingerprint != self.fingerprint:
+            raise FingerprintMismatchError(
+                f'capsule {capsule.capsule_id!r} was made by model fingerprint '
+                f'{capsule.fingerprint}, this engine is {self.fingerprint}; restore it into '
+                f'the same model, dtype, backend and state layout')
+
+    def branch(self, capsule_id: str, num_branches: int) -> list[str]:
+        """Open ``num_branches`` new sessions, each continuing from the capsule."""
+        started = time.perf_counter()
+        if not 1 <= num_branches <= MAX_BRANCHES:
+            raise InvalidArgumentError(f'num_branches={num_branches} must be in '
+                                       f'[1, {MAX_BRANCHES}]')
+        with self._lock:
+            capsule = self.store.get(capsule_id)
+            self._check_fingerprint(capsule)
+            if num_branches > len(self._free_slots):
+                raise InvalidArgumentError(
+                    f'{num_branches} branches need {num_branches} free session slots, '
+                    f'{len(self._free_slots)} are free (engine.max_sessions='
+                    f'{self.config.engine.max_sessions}); close sessions first')
+            children = [self._new_session('', None) for _ in range(num_branches)]
+            try:
+                for session in children:
+                    with self._hold(session):
+                        self._enter(session, capsule)
+            except Exception:
+                for session in children:
+                    self._discard_session(session)
+                raise
+            children = [session.session_id for session in children]
+            latency = time.perf_counter() - started
+            self.last_latencies['branch'] = latency
+            self._emit(CapsuleEvent(EventKind.BRANCHED, capsule_id, ','.join(children),
+                                    f'{num_branches} branches', latency))
+            return children
+
+    def release(self, capsule_id: str) -> int:
+        """Drop a capsule; returns the bytes freed."""
+        with self._lock:
+            return self.store.release(capsule_id)
+
+    def pin(self, capsule_id: str, pinned: bool = True) -> None:
+        """Pin (exempt from eviction) or unpin a capsule."""
+        with self._lock:
+            self.store.set_pinned(capsule_id, pinned)
+
+    def list_capsules(self, session_id: str = '') -> list[CapsuleInfo]:
+        """Describe live capsules (optionally of one session), oldest use first."""
+        with self._lock:
+            return [self.store.info(capsule) for capsule in self.store.capsules()
+                    if not session_id or capsule.session_id == session_id]
+
+    def save(self, capsule_id: str, name: str = '') -> SaveResult:
+        """Write a capsule (whole prefix included) to the capsule directory."""
+        started = time.perf_counter()
+        name = name or capsule_id
+        directory = self.config.capsules.directory()
+        check_plain_name(name, 'capsule name')
+        with self._lock:
+            capsule = self.store.get(capsule_id)
+            # copies taken under the lock: a slot may be overwritten once it is released
+            segments = [({'uid': segment.uid, 'start': segment.start, 'end': segment.end},
+                         {key: value.clone() for key, value in
+                          segment.read(self.layout).items()})
+                        for segment in capsule.chain]
+        manifest = {'capsule_id': capsule.capsule_id, 'label': capsule.label,
+                    'session_id': capsule.session_id, 'parent_id': capsule.parent_id,
+                    'position': capsule.position, 'fingerprint': capsule.fingerprint,
+                    'created': capsule.created, 'model': self.model_name,
+                    'layout': [[spec.name, spec.kind.value, str(spec.dtype)]
+                               for spec in self.layout.specs]}
+        path, written = persist.write_capsule(directory, name, manifest, capsule.fixed,
+                                              segments)
+        latency = time.perf_counter() - started
+        self.last_latencies['save'] = latency
+        self._emit(CapsuleEvent(EventKind.SAVED, capsule_id, capsule.session_id, str(path),
+                                latency))
+        return SaveResult(str(path), written, latency)
+
+    def load(self, name: str) -> CapsuleInfo:
+        """Load a saved capsule into memory under the id ``name`` (verified first)."""
+        started = time.perf_counter()
+        directory = self.config.capsules.directory()
+        max_payload = (self.layout.sequence_bytes(self.max_seq_len) + self._fixed_bytes()
+                       + (1 << 20))
+        saved = persist.read_capsule(directory, name, self.layout, self.fingerprint,
+                                     self.max_seq_len, self.model_config.vocab_size,
+                                     max_payload)
+        manifest = saved.manifest
+        with self._lock:
+            capsule_id = self.store.new_capsule_id(name)
+            self.store.check_fits(self.layout.sequence_bytes(manifest['position'])
+                                  + self._fixed_bytes(), f'capsule {name!r}')
+            chain = []
+            fresh = []
+            for segment_manifest, tensors in saved.segments:
+                start, end = segment_manifest['start'], segment_manifest['end']
+                live = self.store.segment_by_uid(segment_manifest['uid'])
+                if live is not None and (live.start, live.end) == (start, end):
+                    chain.append(live)  # shared with a capsule already in memory
+                    continue
+                segment = Segment(start, end, self.layout.sequence_bytes(end)
+                                  - self.layout.sequence_bytes(start), segment_manifest['uid'])
+                fresh.append((segment, tensors))
+                chain.append(segment)
+            shared = [segment for segment in chain if segment.capsule_refs]
+            for segment in shared:  # keep shared segments alive while making room
+                segment.capsule_refs += 1
+            try:
+                self.store.make_room(sum(segment.num_bytes for segment, _ in fresh)
+                                     + self._fixed_bytes())
+            finally:
+                for segment in shared:
+                    segment.capsule_refs -= 1
+            for segment, tensors in fresh:
+                self.store.charge(segment, {key: value.to(self.device)
+                                            for key, value in tensors.items()})
+            capsule = Capsule(
+                capsule_id=capsule_id, label=manifest['label'],
+                session_id=manifest['session_id'], parent_id=manifest['parent_id'],
+                position=manifest['position'], fingerprint=manifest['fingerprint'],
+                created=manifest['created'], chain=tuple(chain),
+                fixed={key: value.to(self.device) for key, value in saved.fixed.items()},
+                fixed_bytes=self._fixed_bytes())
+            self.store.add(capsule, pin=False)
+            latency = time.perf_counter() - started
+            self.last_latencies['load'] = latency
+            self._emit(CapsuleEvent(EventKind.LOADED, capsule_id, capsule.session_id,
+                                    str(directory / name), latency))
+            return self.store.info(capsule)
+
+    def saved_capsules(self) -> list[str]:
+        """Names of capsules saved in the capsule directory."""
+        return persist.list_saved(self.config.capsules.directory())
+
+    def capsule(self, capsule_id: str) -> Capsule:
+        """The live capsule record (for persistence and tests)."""
+        with self._lock:
+            return self.store.get(capsule_id, touch=False)
+
+
+class _Release:
+    """Context manager releasing an already acquired lock."""
+
+    def __init__(self, lock: threading.Lock):
+        self._lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._lock.release()
+        return False

@@ -1,0 +1,244 @@
+# Copyright 2026 The capsule_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Llama-family decoder (SmolLM2, Llama 3.x, Qwen2, Qwen3 dense) over static per-slot KV buffers.
+
+One readable file in the spirit of gpt-fast's ``model.py``: GQA, RoPE (with the scaling variants
+that transformers implements), RMSNorm, SwiGLU, optional q/k norm and q/k/v bias, tied
+embeddings. The KV cache of a session slot is a preallocated buffer written by position; a
+forward pass allocates no cache memory.
+"""
+
+from dataclasses import dataclass, field
+import json
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from capsule_ros.runtime.errors import InvalidArgumentError
+from capsule_ros.runtime.state import BufferSpec, StateKind
+
+SUPPORTED_MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral')
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture hyper-parameters, read once from a Hugging Face ``config.json`` dict."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    # The whole source config, kept as canonical JSON so RoPE scaling is computed by the
+    # reference implementation (transformers) and the fingerprint covers every field.
+    hf_config_json: str = field(repr=False)
+
+    def __post_init__(self):
+        """Validate shapes that the forward pass relies on."""
+        if self.num_heads % self.num_kv_heads:
+            raise InvalidArgumentError(
+                f'num_attention_heads ({self.num_heads}) must be a multiple of '
+                f'num_key_value_heads ({self.num_kv_heads})')
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise InvalidArgumentError(
+                f'model_type {self.model_type!r} is not a Llama-family model; '
+                f'supported: {", ".join(SUPPORTED_MODEL_TYPES)}')
+
+    @classmethod
+    def from_hf(cls, hf_config: dict) -> 'LlamaConfig':
+        """Build from a Hugging Face config dict (as in ``config.json``)."""
+        num_heads = hf_config['num_attention_heads']
+        hidden_size = hf_config['hidden_size']
+        model_type = hf_config.get('model_type', 'llama')
+        return cls(
+            model_type=model_type,
+            vocab_size=hf_config['vocab_size'],
+            hidden_size=hidden_size,
+            intermediate_size=hf_config['intermediate_size'],
+            num_layers=hf_config['num_hidden_layers'],
+            num_heads=num_heads,
+            num_kv_heads=hf_config.get('num_key_value_heads') or num_heads,
+            head_dim=hf_config.get('head_dim') or hidden_size // num_heads,
+            rms_norm_eps=hf_config.get('rms_norm_eps', 1e-6),
+            max_position_embeddings=hf_config.get('max_position_embeddings', 2048),
+            tie_word_embeddings=bool(hf_config.get('tie_word_embeddings', False)),
+            attention_bias=bool(hf_config.get('attention_bias', model_type == 'qwen2')),
+            qk_norm=model_type == 'qwen3',
+            hf_config_json=json.dumps(hf_config, sort_keys=True, default=str),
+        )
+
+
+def rope_tables(config: LlamaConfig, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return fp32 ``cos, sin`` tables of shape ``[max_seq_len, head_dim]``.
+
+    The inverse frequencies and the attention scaling come from transformers' own RoPE
+    initializers (default, linear, llama3, yarn, longrope), so every scaling variant matches the
+    reference bit for bit. Dynamic NTK changes the frequencies with the sequence length and is
+    refused: a static buffer cannot follow it.
+    """
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = json.loads(config.hf_config_json)
+    reference = AutoConfig.for_model(config.model_type, **{
+        key: value for key, value in hf_config.items() if key != 'model_type'})
+    rope_parameters = getattr(reference, 'rope_parameters', None) or {}
+    rope_type = rope_parameters.get('rope_type', 'default')
+    if rope_type == 'dynamic':
+        raise InvalidArgumentError('dynamic NTK RoPE scaling is not supported (static buffers)')
+    if rope_type == 'default':
+        base = rope_parameters.get('rope_theta', getattr(reference, 'rope_theta', 10000.0))
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        attention_scaling = 1.0
+    else:
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](reference, 'cpu')
+    positions = torch.arange(max_seq_len, dtype=torch.float)
+    freqs = positions[:, None] * inv_freq.float()[None, :]  # [T, head_dim / 2]
+    angles = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
+    return angles.cos() * attention_scaling, angles.sin() * attention_scaling
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaModel:
+    """Weights plus a forward pass that reads and writes one slot's KV buffer in place."""
+
+    family = 'llama'
+
+    def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor],
+                 dtype: torch.dtype, device: torch.device, max_seq_len: int):
+        """Take Hugging Face-named weights, fuse q/k/v and gate/up, move to dtype and device."""
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.max_seq_len = max_seq_len
+
+        def take(name):
+            return weights[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed_tokens = take('model.embed_tokens.weight')  # [V, D]
+        self.final_norm = take('model.norm.weight')  # [D]
+        if config.tie_word_embeddings or 'lm_head.weight' not in weights:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = take('lm_head.weight')  # [V, D]
+        self.layers = []
+        for index in range(config.num_layers):
+            prefix = f'model.layers.{index}.'
+            attention = prefix + 'self_attn.'
+            mlp = prefix + 'mlp.'
+            layer = {
+                'input_norm': take(prefix + 'input_layernorm.weight'),
+                'post_attention_norm': take(prefix + 'post_attention_layernorm.weight'),
+                # [(H + 2 * Hkv) * hd, D]: one matmul for q, k and v
+                'qkv': torch.cat([take(attention + f'{p}_proj.weight') for p in 'qkv']),
+                'o': take(attention + 'o_proj.weight'),  # [D, H * hd]
+                # [2 * I, D]: one matmul for gate and up
+                'gate_up': torch.cat([take(mlp + 'gate_proj.weight'),
+                                      take(mlp + 'up_proj.weight')]),
+                'down': take(mlp + 'down_proj.weight'),  # [D, I]
+                'qkv_bias': None, 'q_norm': None, 'k_norm': None,
+            }
+            if config.attention_bias:
+                layer['qkv_bias'] = torch.cat(
+                    [take(attention + f'{p}_proj.bias') for p in 'qkv'])
+            if config.qk_norm:
+                layer['q_norm'] = take(attention + 'q_norm.weight')  # [hd]
+                layer['k_norm'] = take(attention + 'k_norm.weight')  # [hd]
+            self.layers.append(layer)
+        cos, sin = rope_tables(config, max_seq_len)
+        self.rope_cos = cos.to(device=device, dtype=dtype)  # [T, hd]
+        self.rope_sin = sin.to(device=device, dtype=dtype)  # [T, hd]
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+
+    def state_specs(self) -> list[BufferSpec]:
+        """Name every live buffer a session slot needs for this architecture."""
+        config = self.config
+        # kv: [L, 2 (k, v), Hkv, T, hd], valid along axis 3 up to the session's position
+        kv_shape = (config.num_layers, 2, config.num_kv_heads, self.max_seq_len, config.head_dim)
+        return [BufferSpec('kv', StateKind.KV, kv_shape, self.dtype, seq_axis=3)]
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # Same arithmetic as transformers' LlamaRMSNorm: statistics in fp32, scale in dtype.
+        x32 = x.float()
+        variance = x32.pow(2).mean(-1, keepdim=True)
+        return weight * (x32 * torch.rsqrt(variance + self.config.rms_norm_eps)).to(x.dtype)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, start_pos: int, kv: torch.Tensor,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run tokens at positions ``[start_pos, start_pos + S)`` and write their KV.
+
+        token_ids: [S] int64; kv: the slot buffer [L, 2, Hkv, T, hd].
+        Returns fp32 logits [S, V] when ``all_logits`` else [V] for the last token.
+        """
+        config = self.config
+        num_tokens = token_ids.shape[0]
+        end_pos = start_pos + num_tokens
+        head_dim = config.head_dim
+        x = self.embed_tokens[token_ids]  # [S, D]
+        cos = self.rope_cos[start_pos:end_pos][None]  # [1, S, hd]
+        sin = self.rope_sin[start_pos:end_pos][None]  # [1, S, hd]
+        attn_mask = None
+        is_causal = False
+        if num_tokens > 1:
+            if start_pos == 0:
+                is_causal = True
+            else:
+                # [S, end]: query i (at start_pos + i) sees keys j <= start_pos + i
+                key_positions = torch.arange(end_pos, device=self.device)
+                query_positions = torch.arange(start_pos, end_pos, device=self.device)
+                attn_mask = key_positions[None, :] <= query_positions[:, None]
+        for index, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer['input_norm'])
+            qkv = F.linear(h, layer['qkv'], layer['qkv_bias'])  # [S, (H + 2 Hkv) hd]
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            q = q.view(num_tokens, config.num_heads, head_dim).transpose(0, 1)  # [H, S, hd]
+            k = k.view(num_tokens, config.num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, S, hd]
+            v = v.view(num_tokens, config.num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, S, hd]
+            if layer['q_norm'] is not None:
+                q = self._rms_norm(q, layer['q_norm'])
+                k = self._rms_norm(k, layer['k_norm'])
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kv[index, 0, :, start_pos:end_pos] = k
+            kv[index, 1, :, start_pos:end_pos] = v
+            keys = kv[index, 0, :, :end_pos]  # [Hkv, end, hd]
+            values = kv[index, 1, :, :end_pos]  # [Hkv, end, hd]
+            attention = F.scaled_dot_product_attention(
+                q[None], keys[None], values[None], attn_mask=attn_mask, is_causal=is_causal,
+                enable_gqa=True)  # [1, H, S, hd]
+            attention = attention[0].transpose(0, 1).reshape(num_tokens, self.q_size)
+            x = x + F.linear(attention, layer['o'])
+            h = self._rms_norm(x, layer['post_attention_norm'])
+            gate, up = F.linear(h, layer['gate_up']).chunk(2, dim=-1)  # [S, I] each
+            x = x + F.linear(F.silu(gate) * up, layer['down'])
+        if not all_logits:
+            x = x[-1:]
+        x = self._rms_norm(x, self.final_norm)
+        logits = F.linear(x, self.lm_head).float()  # [S or 1, V]
+        return logits if all_logits else logits[0]
