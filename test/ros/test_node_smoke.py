@@ -1,0 +1,260 @@
+# Copyright 2026 The capsule_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+The installed policy node comes up on DDS and answers the installed CLI client.
+
+The node is started the way launch/policy.launch.py starts it: the same executable from the
+install tree, the installed config/policy.yaml, and (for the launch-driven variant) the
+lifecycle transitions sent through the node's own lifecycle services, as launch does.
+"""
+
+import ast
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+from action_msgs.msg import GoalStatus
+from ament_index_python.packages import get_package_prefix
+from capsule_ros.action import Generate
+from capsule_ros.ros.node import MUTATING_SERVICES
+from capsule_ros.ros.parameters import AUTOSTART_PARAMETER
+from capsule_ros.ros.parameters import PARAMETER_DEFAULTS
+from capsule_ros.srv import Snapshot
+from lifecycle_msgs.msg import State
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState
+from lifecycle_msgs.srv import GetState
+import pytest
+import rclpy
+from rclpy.action import ActionClient
+from rclpy.executors import SingleThreadedExecutor
+import yaml
+
+PREFIX = pathlib.Path(get_package_prefix('capsule_ros'))
+LIB = PREFIX / 'lib' / 'capsule_ros'
+SHARE = PREFIX / 'share' / 'capsule_ros'
+PARAMS_FILE = SHARE / 'config' / 'policy.yaml'
+LAUNCH_FILE = SHARE / 'launch' / 'policy.launch.py'
+TIMEOUT_S = 30.0
+
+
+def process_environment():
+    """Return the environment for node / CLI processes: this Python first on PATH."""
+    environment = dict(os.environ)
+    environment['PATH'] = os.pathsep.join(
+        [os.path.dirname(sys.executable), environment.get('PATH', '')])
+    return environment
+
+
+def stop(process):
+    """Stop a node process the way launch does: SIGINT, then SIGTERM, then SIGKILL."""
+    for sig, grace_s in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        if process.poll() is not None:
+            break
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            continue
+    return process.returncode
+
+
+def start_policy_node(*extra_ros_args):
+    """Start the installed policy_node with the installed parameters file."""
+    command = [
+        str(LIB / 'policy_node'), '--ros-args', '-r', '__node:=capsule',
+        '--params-file', str(PARAMS_FILE), *extra_ros_args,
+    ]
+    return subprocess.Popen(
+        command, env=process_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+
+
+def run_cli(*arguments, timeout_s=TIMEOUT_S):
+    """Run the installed capsule_ctl; return the completed process."""
+    return subprocess.run(
+        [str(LIB / 'capsule_ctl'), '--timeout', str(timeout_s), *arguments],
+        env=process_environment(), capture_output=True, text=True, timeout=3 * timeout_s)
+
+
+def wait(executor, future, what):
+    """Spin ``executor`` until ``future`` is done; fail naming ``what`` on timeout."""
+    executor.spin_until_future_complete(future, timeout_sec=TIMEOUT_S)
+    assert future.done(), f'no answer from {what} within {TIMEOUT_S} s'
+    return future.result()
+
+
+def call(executor, client, request):
+    """Call a service from the test and wait for the answer."""
+    assert client.wait_for_service(timeout_sec=TIMEOUT_S), f'{client.srv_name} never appeared'
+    return wait(executor, client.call_async(request), client.srv_name)
+
+
+@pytest.fixture
+def launched_node():
+    """Start the node like launch does: autostart off, transitions sent by the launcher."""
+    process = start_policy_node('-p', f'{AUTOSTART_PARAMETER}:=false')
+    yield process
+    assert stop(process) is not None
+    process.stdout.close()
+
+
+def test_launch_style_node_serves_capsule_interfaces(ros_context, launched_node):
+    """Configure + activate over lifecycle services, then every interface is on the graph."""
+    node = rclpy.create_node('smoke_test_client', context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    try:
+        get_state = node.create_client(GetState, '/capsule/get_state')
+        assert call(executor, get_state, GetState.Request()).current_state.id == (
+            State.PRIMARY_STATE_UNCONFIGURED)
+        change_state = node.create_client(ChangeState, '/capsule/change_state')
+        for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+            request = ChangeState.Request()
+            request.transition.id = transition
+            assert call(executor, change_state, request).success, f'transition {transition}'
+        assert call(executor, get_state, GetState.Request()).current_state.id == (
+            State.PRIMARY_STATE_ACTIVE)
+
+        listed = run_cli('list', '--json')
+        assert listed.returncode == 0, listed.stderr
+        answer = json.loads(listed.stdout)
+        assert answer['capsules'] == []
+        assert answer['sessions'] == []
+        assert answer['budget_bytes'] == PARAMETER_DEFAULTS['capsules']['budget_bytes']
+
+        snapshot = node.create_client(Snapshot, '/capsule/snapshot')
+        response = call(executor, snapshot, Snapshot.Request(session_id='s0', label='briefing'))
+        assert not response.success
+        assert response.error_code == Snapshot.Response.NOT_AVAILABLE
+        assert response.message == 'engine not available yet'
+
+        services = dict(node.get_service_names_and_types())
+        for name in [*MUTATING_SERVICES, 'list']:
+            assert f'/capsule/{name}' in services, name
+        topics = dict(node.get_topic_names_and_types())
+        assert topics.get('/capsule/events') == ['capsule_ros/msg/CapsuleEvent']
+
+        generate = ActionClient(node, Generate, '/capsule/generate')
+        assert generate.wait_for_server(timeout_sec=TIMEOUT_S)
+        goal_handle = wait(
+            executor, generate.send_goal_async(Generate.Goal(prompt='hello')), 'generate goal')
+        wrapped = wait(executor, goal_handle.get_result_async(), 'generate result')
+        assert wrapped.status == GoalStatus.STATUS_ABORTED
+        assert wrapped.result.error_code == Generate.Result.NOT_AVAILABLE
+        assert wrapped.result.stop_reason == Generate.Result.STOP_ERROR
+        generate.destroy()
+    finally:
+        executor.shutdown(timeout_sec=5.0)
+        node.destroy_node()
+
+
+def test_autostarted_node_answers_cli_list():
+    """Started bare (ros2 run / make demo), the node activates itself; the CLI lists nothing."""
+    process = start_policy_node()
+    try:
+        listed = run_cli('list')
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.startswith('0 capsule(s), 0 session(s)'), listed.stdout
+    finally:
+        stop(process)
+        output = process.stdout.read()
+        process.stdout.close()
+    assert 'active: services and action open' in output, output
+
+
+def test_cli_reports_missing_node():
+    """Without a node the CLI gives up after its timeout with exit status 3."""
+    listed = run_cli('--node', '/no_such_node', 'list', timeout_s=1.0)
+    assert listed.returncode == 3
+    assert 'no answer from /no_such_node/list' in listed.stderr
+
+
+def launch_calls():
+    """Return the ast.Call nodes of the installed launch file, by callee name."""
+    tree = ast.parse(LAUNCH_FILE.read_text(), filename=str(LAUNCH_FILE))
+    calls = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            calls.setdefault(node.func.id, []).append(node)
+    return calls
+
+
+def keyword(call_node, name):
+    """Return the literal value of keyword ``name`` of a call, or None."""
+    for item in call_node.keywords:
+        if item.arg == name and isinstance(item.value, ast.Constant):
+            return item.value.value
+    return None
+
+
+def test_launch_file_references_installed_files():
+    """Every package, executable, file and launch argument the launch file names exists."""
+    calls = launch_calls()
+    (lifecycle_node,) = calls['LifecycleNode']
+    assert keyword(lifecycle_node, 'package') == 'capsule_ros'
+    executable = LIB / keyword(lifecycle_node, 'executable')
+    assert executable.is_file() and os.access(executable, os.X_OK), executable
+    assert keyword(lifecycle_node, 'name') == 'capsule'
+
+    for path_join in calls['PathJoinSubstitution']:
+        (parts,) = path_join.args
+        first, *rest = parts.elts
+        assert isinstance(first, ast.Call) and first.func.id == 'FindPackageShare'
+        assert first.args[0].value == 'capsule_ros'
+        path = SHARE.joinpath(*(part.value for part in rest))
+        assert path.is_file(), path
+
+    declared = {call_node.args[0].value for call_node in calls['DeclareLaunchArgument']}
+    used = {call_node.args[0].value for call_node in calls['LaunchConfiguration']}
+    assert used <= declared, used - declared
+    assert {'params_file', 'namespace', 'model_path', 'backend'} <= declared
+
+    # Parameter overrides in the launch file must be parameters the node declares.
+    node_parameters = {AUTOSTART_PARAMETER} | {
+        f'{group}.{name}' for group, names in PARAMETER_DEFAULTS.items() for name in names}
+    for node in ast.walk(lifecycle_node):
+        if isinstance(node, ast.Dict):
+            overrides = {key.value for key in node.keys}
+            assert overrides <= node_parameters, overrides - node_parameters
+
+
+def test_params_file_matches_declared_parameters():
+    """policy.yaml sets exactly the declared parameters, with the declared types."""
+    parameters = yaml.safe_load(PARAMS_FILE.read_text())['/**']['ros__parameters']
+    assert parameters.keys() == PARAMETER_DEFAULTS.keys()
+    for group, defaults in PARAMETER_DEFAULTS.items():
+        assert parameters[group].keys() == defaults.keys(), group
+        for name, default in defaults.items():
+            assert type(parameters[group][name]) is type(default), f'{group}.{name}'
+
+
+@pytest.mark.skipif(
+    shutil.which('ros2') is None, reason='ros2cli / launch_ros not installed (PyPI-only ROS)')
+def test_ros2_launch_starts_an_active_node():
+    """On a full ROS 2 install, 'ros2 launch' brings the node up active with autostart."""
+    process = subprocess.Popen(
+        ['ros2', 'launch', 'capsule_ros', 'policy.launch.py'], env=process_environment(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        listed = run_cli('list', '--json')
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)['capsules'] == []
+    finally:
+        stop(process)
+        process.stdout.close()
