@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Capsules (immutable records of a session's complete state) and the budgeted store.
+"""
+Capsules (immutable records of a session's complete state) and the budgeted store.
 
 Storage model. The sequence buffers (KV, token journal) of a capsule at position P are a
 *chain* of segments covering ``[0, P)``. A segment is a position range written once by one
@@ -36,11 +37,10 @@ import time
 from typing import Callable
 import uuid
 
-import torch
-
 from capsule_ros.runtime.errors import (BudgetExceededError, InvalidArgumentError,
                                         UnknownCapsuleError)
-from capsule_ros.runtime.state import StateKind, StateLayout, sequence_range
+from capsule_ros.runtime.state import sequence_range, StateKind, StateLayout
+import torch
 
 
 class Tier(str, enum.Enum):
@@ -102,7 +102,7 @@ class Segment:
         self.capsule_refs = 0
 
     def read(self, layout: StateLayout) -> dict[str, torch.Tensor]:
-        """Views of this segment's bytes: the pool copy, else a slot holding it."""
+        """Return views of this segment's bytes: the pool copy, else a slot holding it."""
         if self.data is not None:
             return self.data
         slot = next(iter(self.residences))
@@ -152,7 +152,8 @@ class CapsuleInfo:
 
 
 class CapsuleStore:
-    """Live capsules, their pins, LRU order, lineage, and the byte budget of the pool.
+    """
+    Live capsules, their pins, LRU order, lineage, and the byte budget of the pool.
 
     Not thread-safe by itself: the engine calls it under its own lock.
     """
@@ -177,11 +178,11 @@ class CapsuleStore:
         return capsule_id in self._capsules
 
     def __len__(self) -> int:
-        """Number of live capsules."""
+        """Count live capsules."""
         return len(self._capsules)
 
     def get(self, capsule_id: str, touch: bool = True) -> Capsule:
-        """The live capsule ``capsule_id`` (marks it recently used)."""
+        """Return the live capsule ``capsule_id`` (and mark it recently used)."""
         capsule = self._capsules.get(capsule_id)
         if capsule is None:
             raise UnknownCapsuleError(
@@ -231,13 +232,13 @@ class CapsuleStore:
         )
 
     def segment_by_uid(self, uid: str) -> Segment | None:
-        """A live segment with this uid (used to share prefixes of loaded capsules)."""
+        """Return the live segment with this uid (used to share prefixes of loaded capsules)."""
         return self._segments_by_uid.get(uid)
 
     # -- ids --------------------------------------------------------------------------------
 
     def new_capsule_id(self, label: str) -> str:
-        """The id of a new capsule: its label if given (must be free), else ``cap-N``."""
+        """Return the id of a new capsule: its label if given (must be free), else ``cap-N``."""
         if label:
             if label in self._capsules:
                 raise InvalidArgumentError(
@@ -252,7 +253,8 @@ class CapsuleStore:
     # -- mutation ---------------------------------------------------------------------------
 
     def add(self, capsule: Capsule, pin: bool) -> None:
-        """Insert a capsule; its pool segments must already be charged (see ``charge``).
+        """
+        Insert a capsule; its pool segments must already be charged (see ``charge``).
 
         Makes room afterwards, never evicting the new capsule; if the budget cannot be met,
         the capsule is taken out again and ``BudgetExceededError`` raised.
@@ -308,7 +310,8 @@ class CapsuleStore:
 
     def materialize(self, doomed: list[Segment], slot: Slot,
                     protect: frozenset[str] = frozenset()) -> None:
-        """Copy-on-write: keep the doomed segments of ``slot`` that capsules still need.
+        """
+        Copy-on-write: keep the doomed segments of ``slot`` that capsules still need.
 
         A segment needs a pool copy only if a capsule references it, it has none yet, and
         ``slot`` is its last residence. Makes room first (which may evict unpinned capsules,
@@ -365,7 +368,6 @@ class CapsuleStore:
         if segment.data is not None:
             segment.data = None
             self.used_bytes -= segment.num_bytes
-
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:

@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Chat formatting for incremental sessions, derived from the model's own chat template.
+"""
+Chat formatting for incremental sessions, derived from the model's own chat template.
 
 A session is appended to message by message, so the template is rendered piecewise: the text a
 message adds is the difference between renderings with and without it. The pieces are computed

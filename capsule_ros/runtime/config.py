@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Frozen, validated configuration objects, built once from ROS parameters or YAML.
+"""
+Frozen, validated configuration objects, built once from ROS parameters or YAML.
 
 The nested groups map one to one onto ``config/policy.yaml``: ``model``, ``backend``,
 ``engine``, ``capsules``, ``generation``. Every validation error names the parameter.
@@ -85,7 +86,7 @@ class CapsuleConfig:
     """Capsule storage: the in-memory byte budget and the directory for save/load."""
 
     budget_bytes: int = 2 << 30
-    dir: str = ''
+    dir: str = ''  # noqa: A003 (the YAML parameter is capsules.dir)
 
     def __post_init__(self):
         """Validate."""
@@ -93,7 +94,7 @@ class CapsuleConfig:
                  f'must be in (0, {MAX_BUDGET_BYTES}]')
 
     def directory(self) -> Path:
-        """Resolved capsule directory (default ``~/.cache/capsule_ros/capsules``)."""
+        """Return where capsules are saved (default ``~/.cache/capsule_ros/capsules``)."""
         from capsule_ros.runtime.loader import default_cache_dir
         return Path(self.dir).expanduser() if self.dir else default_cache_dir() / 'capsules'
 
@@ -142,7 +143,7 @@ class GenerationConfig:
             raise InvalidArgumentError(str(error).replace('sampling.', 'generation.')) from None
 
     def sampling(self) -> SamplingConfig:
-        """The default sampling parameters."""
+        """Return the default sampling parameters."""
         return SamplingConfig(self.temperature, self.top_k, self.top_p, self.seed)
 
 

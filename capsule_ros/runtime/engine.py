@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""PolicyEngine: sessions over static slots, prefill/decode/generate, and the capsule verbs.
+"""
+PolicyEngine: sessions over static slots, prefill/decode/generate, and the capsule verbs.
 
 Concurrency: one engine lock guards the session table, the capsule store and slot residency
 (held for bookkeeping and memory copies, never across a forward pass). Each session has a busy
@@ -27,11 +28,9 @@ import threading
 import time
 from typing import Callable, Iterable
 
-import torch
-
 from capsule_ros.runtime import loader, persist
 from capsule_ros.runtime.capsule import (Capsule, CapsuleEvent, CapsuleInfo, CapsuleStore,
-                                         EventKind, Segment, Slot, tensor_bytes)
+                                         EventKind, Segment, Slot)
 from capsule_ros.runtime.chat import ChatFormatter, Role, TurnState
 from capsule_ros.runtime.config import PolicyConfig, SamplingConfig
 from capsule_ros.runtime.errors import (check_plain_name, ContextFullError,
@@ -39,7 +38,9 @@ from capsule_ros.runtime.errors import (check_plain_name, ContextFullError,
                                         SessionBusyError, UnknownSessionError)
 from capsule_ros.runtime.models.llama import LlamaConfig, LlamaModel
 from capsule_ros.runtime.sampling import new_generator, select_token
-from capsule_ros.runtime.state import BufferSpec, StateKind, StateLayout, sequence_range
+from capsule_ros.runtime.state import BufferSpec, sequence_range, StateKind, StateLayout
+
+import torch
 
 MAX_BRANCHES = 64
 # meta scalars: [position, turn state, has last logits]
@@ -141,7 +142,7 @@ class PolicyEngine:
         max_seq_len = self.config.engine.max_seq_len
         if max_seq_len > self.model_config.max_position_embeddings:
             raise InvalidArgumentError(
-                f'parameter engine.max_seq_len: {max_seq_len} exceeds the model\'s '
+                f"parameter engine.max_seq_len: {max_seq_len} exceeds the model's "
                 f'{self.model_config.max_position_embeddings} positions')
         self.model = LlamaModel(self.model_config, weights, self.dtype, self.device, max_seq_len)
         del weights
@@ -239,18 +240,18 @@ class PolicyEngine:
             return list(self._sessions)
 
     def session_position(self, session_id: str) -> int:
-        """Number of tokens in the session."""
+        """Return the number of tokens in the session."""
         with self._lock:
             return self._session(session_id).position
 
     def session_tokens(self, session_id: str) -> list[int]:
-        """The session's token journal."""
+        """Return the session's token journal."""
         with self._lock:
             session = self._session(session_id)
             return session.slot.buffers['tokens'][:session.position].tolist()
 
     def session_logits(self, session_id: str) -> torch.Tensor:
-        """A copy of the session's last logits [V] (what the next token is sampled from)."""
+        """Return a copy of the session's last logits [V] (what the next token is sampled from)."""
         with self._lock:
             session = self._session(session_id)
             if not session.has_logits:
@@ -319,7 +320,8 @@ class PolicyEngine:
     def append(self, session_id: str, text: str | None = None,
                tokens: Iterable[int] | None = None, role: Role | str = Role.USER,
                progress: Callable[[int, int], None] | None = None) -> int:
-        """Add a message (formatted by the chat template) or raw tokens; returns the count.
+        """
+        Add a message (formatted by the chat template) or raw tokens; returns the count.
 
         ``tokens`` and ``Role.RAW`` text go in verbatim and leave the chat turn state as is.
         """
@@ -345,7 +347,8 @@ class PolicyEngine:
                  sampling: SamplingConfig | None = None, stop: Iterable[str] = (),
                  on_token: Callable[[int, str], None] | None = None,
                  cancel: threading.Event | None = None, reply: bool = True) -> GenerationResult:
-        """Decode up to ``max_new_tokens``, streaming through ``on_token``.
+        """
+        Decode up to ``max_new_tokens``, streaming through ``on_token``.
 
         With ``reply`` the tokens form an assistant reply (the template's reply header is
         added first unless one is open); without it the journal is simply continued. The
@@ -467,7 +470,8 @@ class PolicyEngine:
         session.generator.set_state(buffers['rng_state'].clone())
 
     def restore(self, capsule_id: str, session_id: str = '') -> RestoreResult:
-        """Put a capsule's state into a session (its own by default, or a new one).
+        """
+        Put a capsule's state into a session (its own by default, or a new one).
 
         Same slot and still resident: only the small fixed state is copied. Otherwise the
         missing segments are copied in at memory speed, after copy-on-write has saved whatever
@@ -662,7 +666,7 @@ class PolicyEngine:
         return persist.list_saved(self.config.capsules.directory())
 
     def capsule(self, capsule_id: str) -> Capsule:
-        """The live capsule record (for persistence and tests)."""
+        """Return the live capsule record (for persistence and tests)."""
         with self._lock:
             return self.store.get(capsule_id, touch=False)
 

@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Find, convert and load model weights and the tokenizer.
+"""
+Find, convert and load model weights and the tokenizer.
 
 Sources: a GGUF file (dequantized by transformers' GGUF reader, which uses the ``gguf``
 package), or a Hugging Face directory (``config.json`` + ``*.safetensors`` + tokenizer files).

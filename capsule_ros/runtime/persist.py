@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""On-disk capsule format: versioned, checksummed, fingerprinted, atomic, never pickle.
+"""
+On-disk capsule format: versioned, checksummed, fingerprinted, atomic, never pickle.
 
 A saved capsule is a directory ``<capsule dir>/<name>/`` holding
 
@@ -35,13 +36,13 @@ import shutil
 import time
 import uuid
 
-import torch
-
 from capsule_ros.runtime.errors import (CapsuleIOError, check_plain_name,
                                         CorruptCapsuleError, FingerprintMismatchError,
                                         InvalidArgumentError)
 from capsule_ros.runtime.loader import file_sha256
 from capsule_ros.runtime.state import StateLayout
+import torch
+
 
 MAGIC = 'capsule_ros/capsule'
 FORMAT_VERSION = 1
@@ -60,7 +61,7 @@ class SavedCapsule:
 
 
 def capsule_path(directory: Path, name: str) -> Path:
-    """The directory of capsule ``name``, checked to lie inside ``directory``."""
+    """Return the directory of capsule ``name``, checked to lie inside ``directory``."""
     check_plain_name(name, 'capsule name')
     root = directory.resolve()
     path = (root / name).resolve()

@@ -13,13 +13,12 @@
 # limitations under the License.
 """Next-token selection: greedy, temperature, top-k, top-p, with the session's own RNG."""
 
-import torch
-
 from capsule_ros.runtime.config import SamplingConfig
+import torch
 
 
 def new_generator(seed: int) -> torch.Generator:
-    """A CPU generator seeded deterministically (its state is session state)."""
+    """Create a CPU generator seeded deterministically (its state is session state)."""
     generator = torch.Generator(device='cpu')
     generator.manual_seed(seed)
     return generator

@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""StateLayout: the closed set of named live buffers of a session slot.
+"""
+StateLayout: the closed set of named live buffers of a session slot.
 
 Whatever is not in the layout is not state; whatever is state is in the layout. A capsule
 captures exactly the layout: buffers with a sequence axis (``kv``) by the valid range
@@ -38,7 +39,8 @@ class StateKind(str, enum.Enum):
 
 @dataclass(frozen=True)
 class BufferSpec:
-    """One named live buffer: kind, shape, dtype, and the axis it grows along (if any).
+    """
+    One named live buffer: kind, shape, dtype, and the axis it grows along (if any).
 
     Buffers with a ``seq_axis`` (KV, the token journal) are valid up to the session's position
     and are captured by range; all others are captured whole.
@@ -90,7 +92,8 @@ class StateLayout:
         return sum(spec.bytes_per_position() * num_positions for spec in self.sequence_specs)
 
     def layout_hash(self) -> str:
-        """Short stable hash of the buffer set (part of the model fingerprint).
+        """
+        Short stable hash of the buffer set (part of the model fingerprint).
 
         The sequence axis length is left out: slots of different ``max_seq_len`` hold
         interchangeable state.

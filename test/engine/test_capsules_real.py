@@ -13,10 +13,10 @@
 # limitations under the License.
 """Capsule equivalences (a)-(e) on the real SmolLM2 weights, bitwise on CPU."""
 
+from capsule_ros.runtime.config import SamplingConfig
 from conftest import BRIEFING, make_engine
 import torch
 
-from capsule_ros.runtime.config import SamplingConfig
 
 OBSERVATIONS = ['Aisle 7 is blocked by a pallet.', 'A person is standing at station B.',
                 'The bolts box on level 2 is empty.']

@@ -20,7 +20,7 @@ FP32_TOLERANCE = 1e-3
 
 
 def chat_prompt_tokens(engine, count=256):
-    """A chat-formatted prompt of exactly ``count`` tokens (truncated briefing + header)."""
+    """Return a chat-formatted prompt of exactly ``count`` tokens (truncated briefing + header)."""
     text = engine.chat.message_text
     from capsule_ros.runtime.chat import Role, TurnState
     tokens = engine.tokenize(text(Role.USER, BRIEFING * 3, True, TurnState.IDLE))

@@ -13,11 +13,10 @@
 # limitations under the License.
 """Shared fixtures of the runtime unit tests: a small random-weight model and engines on it."""
 
-import pytest
-
 from capsule_ros.runtime.config import PolicyConfig
 from capsule_ros.runtime.engine import PolicyEngine
 from capsule_ros.runtime.testing import write_tiny_model
+import pytest
 
 
 @pytest.fixture(scope='session')
@@ -38,5 +37,5 @@ def make_engine(model_dir, tmp_path, dtype='float32', **groups):
 
 @pytest.fixture
 def tiny_engine(tiny_model_dir, tmp_path):
-    """A fresh engine on the tiny model."""
+    """Return a fresh engine on the tiny model."""
     return make_engine(tiny_model_dir, tmp_path)

@@ -20,6 +20,9 @@ journal must be equal and the last logits bitwise equal. The store's byte count 
 against the budget after every step, and evictions may only hit unpinned capsules.
 """
 
+from capsule_ros.runtime.capsule import EventKind
+from capsule_ros.runtime.config import SamplingConfig
+from capsule_ros.runtime.errors import BudgetExceededError
 from conftest import make_engine
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -27,10 +30,6 @@ from hypothesis.stateful import (initialize, invariant, precondition, rule,
                                  RuleBasedStateMachine)
 import pytest
 import torch
-
-from capsule_ros.runtime.capsule import EventKind
-from capsule_ros.runtime.config import SamplingConfig
-from capsule_ros.runtime.errors import BudgetExceededError
 
 WORDS = ['go', 'left', 'stop', 'cup', 'door', 'red', 'robot', 'table', 'wait', 'see']
 MAX_TOKENS_BEFORE_OP = 180  # of max_seq_len 256: room for one more operation
@@ -215,6 +214,6 @@ def test_random_capsule_programs_match_replay(tiny_model_dir, tmp_path, budget_b
     CapsuleMachine.engine.config.capsules.directory().mkdir(parents=True, exist_ok=True)
     machine_test = CapsuleMachine.TestCase
     machine_test.settings = settings(
-        max_examples=150, stateful_step_count=25, deadline=None, derandomize=True,
+        max_examples=125, stateful_step_count=20, deadline=None, derandomize=True,
         suppress_health_check=list(HealthCheck))
     machine_test('runTest').runTest()

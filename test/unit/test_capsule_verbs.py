@@ -13,10 +13,6 @@
 # limitations under the License.
 """Capsule verbs on a small model: exactness, copy-on-write, budget, errors, persistence."""
 
-from conftest import make_engine
-import pytest
-import torch
-
 from capsule_ros.runtime.capsule import EventKind, Tier
 from capsule_ros.runtime.config import SamplingConfig
 from capsule_ros.runtime.errors import (BudgetExceededError, CorruptCapsuleError,
@@ -24,6 +20,9 @@ from capsule_ros.runtime.errors import (BudgetExceededError, CorruptCapsuleError
                                         SessionBusyError, UnknownCapsuleError,
                                         UnknownSessionError)
 from capsule_ros.runtime.persist import MANIFEST_NAME, PAYLOAD_NAME
+from conftest import make_engine
+import pytest
+import torch
 
 
 def continuation(engine, session, steps=6):

@@ -13,12 +13,12 @@
 # limitations under the License.
 """Parity of the Llama-family model file with transformers on small random-weight configs."""
 
-import pytest
-import torch
-
 from capsule_ros.runtime.loader import load_hf_directory
 from capsule_ros.runtime.models.llama import LlamaConfig, LlamaModel
 from capsule_ros.runtime.testing import write_tiny_model
+import pytest
+import torch
+
 
 VARIANTS = {
     'llama3-rope-scaling': {'rope_scaling': {

@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Llama-family decoder (SmolLM2, Llama 3.x, Qwen2, Qwen3 dense) over static per-slot KV buffers.
+"""
+Llama-family decoder (SmolLM2, Llama 3.x, Qwen2, Qwen3 dense) over static per-slot KV buffers.
 
 One readable file in the spirit of gpt-fast's ``model.py``: GQA, RoPE (with the scaling variants
 that transformers implements), RMSNorm, SwiGLU, optional q/k norm and q/k/v bias, tied
@@ -22,11 +23,11 @@ forward pass allocates no cache memory.
 from dataclasses import dataclass, field
 import json
 
+from capsule_ros.runtime.errors import InvalidArgumentError
+from capsule_ros.runtime.state import BufferSpec, StateKind
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from capsule_ros.runtime.errors import InvalidArgumentError
-from capsule_ros.runtime.state import BufferSpec, StateKind
 
 SUPPORTED_MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral')
 
@@ -88,7 +89,8 @@ class LlamaConfig:
 
 
 def rope_tables(config: LlamaConfig, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return fp32 ``cos, sin`` tables of shape ``[max_seq_len, head_dim]``.
+    """
+    Return fp32 ``cos, sin`` tables of shape ``[max_seq_len, head_dim]``.
 
     The inverse frequencies and the attention scaling come from transformers' own RoPE
     initializers (default, linear, llama3, yarn, longrope), so every scaling variant matches the
@@ -191,7 +193,8 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, start_pos: int, kv: torch.Tensor,
                 all_logits: bool = False) -> torch.Tensor:
-        """Run tokens at positions ``[start_pos, start_pos + S)`` and write their KV.
+        """
+        Run tokens at positions ``[start_pos, start_pos + S)`` and write their KV.
 
         token_ids: [S] int64; kv: the slot buffer [L, 2, Hkv, T, hd].
         Returns fp32 logits [S, V] when ``all_logits`` else [V] for the last token.
