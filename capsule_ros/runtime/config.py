@@ -70,7 +70,7 @@ class EngineConfig:
 
     max_seq_len: int = 8192
     max_sessions: int = 4
-    prefill_chunk: int = 512
+    prefill_chunk: int = 2048
     system_prompt: str = ''
 
     def __post_init__(self):

@@ -154,7 +154,8 @@ class PolicyEngine:
         rng_bytes = torch.Generator().get_state().numel()
         self.layout = StateLayout(self.model.state_specs() + [
             BufferSpec('tokens', StateKind.META, (max_seq_len,), torch.int64, seq_axis=0),
-            BufferSpec('last_logits', StateKind.META, (vocab_size,), torch.float32),
+            # the model computes logits in its own dtype, so storing them in it is lossless
+            BufferSpec('last_logits', StateKind.META, (vocab_size,), self.dtype),
             BufferSpec('rng_state', StateKind.META, (rng_bytes,), torch.uint8),
             BufferSpec('scalars', StateKind.META, (4,), torch.int64),
         ])
@@ -256,7 +257,7 @@ class PolicyEngine:
             session = self._session(session_id)
             if not session.has_logits:
                 raise InvalidArgumentError(f'session {session_id!r} is empty')
-            return session.slot.buffers['last_logits'].clone()
+            return session.slot.buffers['last_logits'].float()
 
     def _session(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
@@ -389,7 +390,7 @@ class PolicyEngine:
                 if session.position >= self.max_seq_len:
                     reason = StopReason.CONTEXT_FULL
                     break
-                token = select_token(buffers['last_logits'], active, session.generator)
+                token = select_token(buffers['last_logits'].float(), active, session.generator)
                 if not generated:
                     first_token_s = time.monotonic() - started
                 generated.append(token)

@@ -1,0 +1,173 @@
+# Copyright 2026 The capsule_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Side-by-side benchmark of this engine against transformers and llama.cpp (``make bench``).
+
+Each peer runs in its own process (``bench/peers.py``) on the same weights at the same
+contexts; this script merges their JSON, prints the tables, and writes
+``bench/results/results.json``, ``summary.md`` and ``summary.png``.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+import time
+
+HERE = Path(__file__).resolve().parent
+PEERS = ['engine-bfloat16', 'engine-float32', 'transformers', 'llamacpp']
+
+
+def run_peer(peer, contexts, output_dir):
+    """Run one peer in a subprocess; return its results (or None if it failed)."""
+    out = output_dir / f'{peer}.json'
+    print(f'[bench] {peer}: contexts {contexts} ...', file=sys.stderr, flush=True)
+    started = time.monotonic()
+    command = [sys.executable, str(HERE / 'peers.py'), peer, '--out', str(out), '--contexts',
+               *map(str, contexts)]
+    completed = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS='2'))
+    if completed.returncode != 0:
+        print(f'[bench] {peer} failed (exit {completed.returncode}); left out', file=sys.stderr)
+        return None
+    print(f'[bench] {peer} done in {time.monotonic() - started:.0f} s', file=sys.stderr)
+    return json.loads(out.read_text())
+
+
+def cell(value, digits=1):
+    """Format a number or a dash."""
+    return '-' if value is None else f'{value:.{digits}f}'
+
+
+def tables(results, contexts):
+    """Markdown tables: throughput, capsule verbs, TTFT, branches."""
+    def get(peer, context, key):
+        return (results.get(peer) or {}).get(str(context), {}).get(key)
+
+    lines = ['## Prefill and decode (tokens/s, higher is better)', '',
+             '| context | ' + ' | '.join(f'{peer} prefill' for peer in PEERS) + ' | '
+             + ' | '.join(f'{peer} decode' for peer in PEERS) + ' |',
+             '|---' * (1 + 2 * len(PEERS)) + '|']
+    for context in contexts:
+        lines.append(f'| {context} | ' + ' | '.join(
+            cell(get(peer, context, 'prefill_tok_s'), 0) for peer in PEERS) + ' | ' + ' | '.join(
+            cell(get(peer, context, 'decode_tok_s'), 1) for peer in PEERS) + ' |')
+    engine = 'engine-bfloat16'
+    lines += ['', '## Capsule verbs (ms, lower is better)', '',
+              '| context | snapshot (engine) | deepcopy cache (transformers) | save_state '
+              '(llama.cpp) | rollback in place (engine) | restore into other session (engine)'
+              ' | raw copy of same bytes | load_state (llama.cpp) |',
+              '|---|---|---|---|---|---|---|---|']
+    for context in contexts:
+        lines.append(
+            f'| {context} | {cell(get(engine, context, "snapshot_ms"), 3)} | '
+            f'{cell(get("transformers", context, "snapshot_ms"))} | '
+            f'{cell(get("llamacpp", context, "snapshot_ms"))} | '
+            f'{cell(get(engine, context, "rollback_ms"), 3)} | '
+            f'{cell(get(engine, context, "restore_other_ms"), 2)} | '
+            f'{cell(get(engine, context, "raw_copy_ms"), 2)} | '
+            f'{cell(get("llamacpp", context, "restore_other_ms"))} |')
+    lines += ['', '## Time to first token (ms, lower is better)', '',
+              '| context | cold prefill (engine) | cold prefill (llama.cpp) | cold prefill '
+              '(transformers) | restore + first token (engine) | restore + one step (engine)'
+              ' | load_state + one step (llama.cpp) | deepcopy + one step (transformers) | '
+              'restore + 16-token observation + first token (engine) | speed-up vs cold |',
+              '|---|---|---|---|---|---|---|---|---|---|']
+    for context in contexts:
+        cold = get(engine, context, 'cold_ttft_ms')
+        restored = get(engine, context, 'ttft_restore_ms')
+        lines.append(
+            f'| {context} | {cell(cold, 0)} | {cell(get("llamacpp", context, "cold_ttft_ms"), 0)}'
+            f' | {cell(get("transformers", context, "cold_ttft_ms"), 0)} | {cell(restored, 2)} | '
+            f'{cell(get(engine, context, "restore_step_ms"), 1)} | '
+            f'{cell(get("llamacpp", context, "restore_step_ms"), 1)} | '
+            f'{cell(get("transformers", context, "restore_step_ms"), 1)} | '
+            f'{cell(get(engine, context, "reentry_16_ms"), 1)} | '
+            f'{cell(cold / restored if cold and restored else None, 0)}x |')
+    branch = (results.get(engine) or {}).get('branch')
+    if branch:
+        lines += ['', '## Branches', '',
+                  f'{branch["branches"]} branches of a {branch["prefix_tokens"]}-token prefix, '
+                  f'{branch["new_tokens"]} new tokens each, each snapshotted: branch call '
+                  f'{branch["branch_ms"]:.1f} ms; all capsules stored in '
+                  f'{branch["stored_bytes"] / 2 ** 20:.1f} MiB = {branch["ratio"]:.3f}x one full '
+                  f'capsule ({branch["one_full_capsule_bytes"] / 2 ** 20:.1f} MiB; the floor with '
+                  f'shared prefixes is '
+                  f'{(branch["prefix_tokens"] + branch["branches"] * branch["new_tokens"]) / (branch["prefix_tokens"] + branch["new_tokens"]):.3f}x).']  # noqa: E501
+    return '\n'.join(lines) + '\n'
+
+
+def plot(results, contexts, path):
+    """PNG: TTFT cold vs restored per peer, and capsule verb latencies, per context."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    def series(peer, key):
+        return [(results.get(peer) or {}).get(str(context), {}).get(key) for context in contexts]
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for peer, key, label, style in [
+            ('engine-bfloat16', 'cold_ttft_ms', 'engine cold prefill', 'o--'),
+            ('llamacpp', 'cold_ttft_ms', 'llama.cpp cold prefill', 's--'),
+            ('transformers', 'cold_ttft_ms', 'transformers cold prefill', '^--'),
+            ('engine-bfloat16', 'ttft_restore_ms', 'engine restore + first token', 'o-'),
+            ('engine-bfloat16', 'restore_step_ms', 'engine restore + one step', 'd-'),
+            ('llamacpp', 'restore_step_ms', 'llama.cpp load_state + one step', 's-'),
+            ('transformers', 'restore_step_ms', 'transformers deepcopy + one step', '^-')]:
+        values = series(peer, key)
+        if any(value is not None for value in values):
+            left.plot(contexts, values, style, label=label)
+    left.set(xscale='log', yscale='log', xlabel='context tokens', ylabel='ms',
+             title='Time to first token: cold vs re-entry')
+    left.legend(fontsize=8)
+    for peer, key, label, style in [
+            ('engine-bfloat16', 'snapshot_ms', 'engine snapshot', 'o-'),
+            ('engine-bfloat16', 'rollback_ms', 'engine rollback in place', 'd-'),
+            ('engine-bfloat16', 'restore_other_ms', 'engine restore into other session', 'x-'),
+            ('engine-bfloat16', 'raw_copy_ms', 'raw memory copy of the same bytes', 'k:'),
+            ('llamacpp', 'snapshot_ms', 'llama.cpp save_state', 's-'),
+            ('llamacpp', 'restore_other_ms', 'llama.cpp load_state', 's--'),
+            ('transformers', 'snapshot_ms', 'transformers deepcopy', '^-')]:
+        values = series(peer, key)
+        if any(value is not None for value in values):
+            right.plot(contexts, values, style, label=label)
+    right.set(xscale='log', yscale='log', xlabel='context tokens', ylabel='ms',
+              title='Capsule verbs')
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main():
+    """Run every peer, merge, print and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--contexts', type=int, nargs='+', default=[512, 2048, 8000])
+    parser.add_argument('--peers', nargs='+', default=PEERS, choices=PEERS)
+    parser.add_argument('--out', default=str(HERE / 'results'))
+    arguments = parser.parse_args()
+    output_dir = Path(arguments.out)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = {peer: run_peer(peer, arguments.contexts, output_dir) for peer in arguments.peers}
+    (output_dir / 'results.json').write_text(json.dumps(results, indent=1))
+    text = tables(results, arguments.contexts)
+    (output_dir / 'summary.md').write_text(text)
+    plot(results, arguments.contexts, output_dir / 'summary.png')
+    print(text)
+    print(f'written: {output_dir}/results.json, summary.md, summary.png')
+
+
+if __name__ == '__main__':
+    main()
