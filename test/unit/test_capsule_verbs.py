@@ -66,8 +66,9 @@ def test_rollback_then_new_tokens_materializes_once(tiny_engine):
     assert continuation(engine, session)[0] == expected[0]
 
 
-def test_restore_into_other_session_and_branch_are_bitwise(tiny_engine):
-    engine = tiny_engine
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_restore_into_other_session_and_branch_are_bitwise(tiny_model_dir, tmp_path, dtype):
+    engine = make_engine(tiny_model_dir, tmp_path, dtype=dtype)
     source = engine.create_session()
     engine.append(source, 'Plan a route to the dock.')
     engine.snapshot(source, 'route')
