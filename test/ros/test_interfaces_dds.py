@@ -40,8 +40,8 @@ from rclpy.qos import ReliabilityPolicy
 
 MESSAGE_TYPES = ['CapsuleEvent', 'CapsuleInfo', 'SamplingParams']
 SERVICE_TYPES = [
-    'Branch', 'ListCapsules', 'LoadCapsule', 'ReleaseCapsule', 'Restore', 'SaveCapsule',
-    'Snapshot',
+    'Append', 'Branch', 'CloseSession', 'ListCapsules', 'LoadCapsule', 'ReleaseCapsule',
+    'Restore', 'SaveCapsule', 'Snapshot',
 ]
 TIMEOUT_S = 20.0
 
