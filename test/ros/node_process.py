@@ -1,0 +1,121 @@
+# Copyright 2026 The capsule_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Start and stop the installed policy node the way launch/policy.launch.py does, for the tests.
+
+Same executable from the install tree, the installed config/policy.yaml, the node name
+``capsule``, plus ``-p`` overrides (as the launch file's arguments add them).
+"""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from ament_index_python.packages import get_package_prefix
+from capsule_ros.ros.client import NoAnswerError
+
+PREFIX = pathlib.Path(get_package_prefix('capsule_ros'))
+LIB = PREFIX / 'lib' / 'capsule_ros'
+SHARE = PREFIX / 'share' / 'capsule_ros'
+PARAMS_FILE = SHARE / 'config' / 'policy.yaml'
+LAUNCH_FILE = SHARE / 'launch' / 'policy.launch.py'
+# Model load takes ~5-10 s on 2 cores; a first-ever GGUF conversion ~45 s more.
+STARTUP_TIMEOUT_S = 180.0
+TIMEOUT_S = 30.0
+
+
+def light_parameters(capsule_dir, dtype='bfloat16', budget_bytes=None, max_sessions=6):
+    """Return ``-p`` overrides keeping a test node small: 2048-token slots, a temp dir."""
+    overrides = {
+        'model.dtype': dtype,
+        'engine.max_seq_len': 2048,
+        'engine.max_sessions': max_sessions,
+        'capsules.dir': str(capsule_dir),
+    }
+    if budget_bytes is not None:
+        overrides['capsules.budget_bytes'] = budget_bytes
+    arguments = []
+    for name, value in overrides.items():
+        arguments += ['-p', f'{name}:={value}']
+    return arguments
+
+
+def process_environment():
+    """Return the environment for node / CLI processes: this Python first on PATH."""
+    environment = dict(os.environ)
+    environment['PATH'] = os.pathsep.join(
+        [os.path.dirname(sys.executable), environment.get('PATH', '')])
+    return environment
+
+
+class NodeProcess:
+    """A running ``policy_node`` process whose output goes to a log file."""
+
+    def __init__(self, log_path, *extra_ros_args):
+        """Start the installed policy_node with the installed parameters file."""
+        self.log_path = pathlib.Path(log_path)
+        self._log = open(self.log_path, 'w')
+        command = [
+            str(LIB / 'policy_node'), '--ros-args', '-r', '__node:=capsule',
+            '--params-file', str(PARAMS_FILE), *extra_ros_args,
+        ]
+        self.process = subprocess.Popen(
+            command, env=process_environment(), stdout=self._log, stderr=subprocess.STDOUT,
+            text=True)
+
+    def output(self):
+        """Return everything the node has logged so far."""
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def wait_until_active(self, client):
+        """Poll the list service until the node answers; fail if the process dies."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f'policy_node exited with {self.process.returncode}:\n{self.output()}')
+            try:
+                response = client.list_capsules()
+            except NoAnswerError:
+                continue
+            if response.success:
+                return response
+            time.sleep(0.5)
+        raise AssertionError(f'policy_node not active within {STARTUP_TIMEOUT_S} s:\n'
+                             f'{self.output()}')
+
+    def stop(self):
+        """Stop the node the way launch does: SIGINT, then SIGTERM, then SIGKILL."""
+        for sig, grace_s in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            if self.process.poll() is not None:
+                break
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                continue
+        self._log.close()
+        return self.process.returncode
+
+
+def run_cli(*arguments, timeout_s=TIMEOUT_S):
+    """Run the installed capsule_ctl; return the completed process."""
+    return subprocess.run(
+        [str(LIB / 'capsule_ctl'), '--timeout', str(timeout_s), *arguments],
+        env=process_environment(), capture_output=True, text=True, timeout=10 * timeout_s)
