@@ -32,6 +32,7 @@ from action_msgs.msg import GoalStatus
 from ament_index_python.packages import get_package_prefix
 from capsule_ros.action import Generate
 from capsule_ros.ros.node import MUTATING_SERVICES
+from capsule_ros.ros.node import OTHER_SERVICES
 from capsule_ros.ros.parameters import AUTOSTART_PARAMETER
 from capsule_ros.ros.parameters import PARAMETER_DEFAULTS
 from capsule_ros.srv import Snapshot
@@ -50,7 +51,7 @@ LIB = PREFIX / 'lib' / 'capsule_ros'
 SHARE = PREFIX / 'share' / 'capsule_ros'
 PARAMS_FILE = SHARE / 'config' / 'policy.yaml'
 LAUNCH_FILE = SHARE / 'launch' / 'policy.launch.py'
-TIMEOUT_S = 30.0
+TIMEOUT_S = 60.0  # configure loads the model (~10 s on 2 busy cores)
 
 
 def process_environment():
@@ -108,28 +109,38 @@ def call(executor, client, request):
 @pytest.fixture
 def launched_node():
     """Start the node like launch does: autostart off, transitions sent by the launcher."""
-    process = start_policy_node('-p', f'{AUTOSTART_PARAMETER}:=false')
+    # The launch file's own overrides (model_path, backend arguments at their defaults).
+    process = start_policy_node('-p', f'{AUTOSTART_PARAMETER}:=false', '-p', "model.path:=''",
+                                '-p', 'backend.kind:=torch')
     yield process
     assert stop(process) is not None
     process.stdout.close()
 
 
+def change_state(executor, node, transition):
+    """Send one lifecycle transition through the node's change_state service."""
+    client = node.create_client(ChangeState, '/capsule/change_state')
+    request = ChangeState.Request()
+    request.transition.id = transition
+    return call(executor, client, request).success
+
+
+def current_state(executor, node):
+    """Return the node's lifecycle state id."""
+    client = node.create_client(GetState, '/capsule/get_state')
+    return call(executor, client, GetState.Request()).current_state.id
+
+
 def test_launch_style_node_serves_capsule_interfaces(ros_context, launched_node):
-    """Configure + activate over lifecycle services, then every interface is on the graph."""
+    """Configure + activate over lifecycle services, every interface is up; deactivate, cleanup."""
     node = rclpy.create_node('smoke_test_client', context=ros_context)
     executor = SingleThreadedExecutor(context=ros_context)
     executor.add_node(node)
     try:
-        get_state = node.create_client(GetState, '/capsule/get_state')
-        assert call(executor, get_state, GetState.Request()).current_state.id == (
-            State.PRIMARY_STATE_UNCONFIGURED)
-        change_state = node.create_client(ChangeState, '/capsule/change_state')
+        assert current_state(executor, node) == State.PRIMARY_STATE_UNCONFIGURED
         for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
-            request = ChangeState.Request()
-            request.transition.id = transition
-            assert call(executor, change_state, request).success, f'transition {transition}'
-        assert call(executor, get_state, GetState.Request()).current_state.id == (
-            State.PRIMARY_STATE_ACTIVE)
+            assert change_state(executor, node, transition), f'transition {transition}'
+        assert current_state(executor, node) == State.PRIMARY_STATE_ACTIVE
 
         listed = run_cli('list', '--json')
         assert listed.returncode == 0, listed.stderr
@@ -141,24 +152,30 @@ def test_launch_style_node_serves_capsule_interfaces(ros_context, launched_node)
         snapshot = node.create_client(Snapshot, '/capsule/snapshot')
         response = call(executor, snapshot, Snapshot.Request(session_id='s0', label='briefing'))
         assert not response.success
-        assert response.error_code == Snapshot.Response.NOT_AVAILABLE
-        assert response.message == 'engine not available yet'
+        assert response.error_code == Snapshot.Response.UNKNOWN_SESSION
 
         services = dict(node.get_service_names_and_types())
-        for name in [*MUTATING_SERVICES, 'list']:
+        for name in [*MUTATING_SERVICES, *OTHER_SERVICES]:
             assert f'/capsule/{name}' in services, name
         topics = dict(node.get_topic_names_and_types())
         assert topics.get('/capsule/events') == ['capsule_ros/msg/CapsuleEvent']
+        assert topics.get('/diagnostics') == ['diagnostic_msgs/msg/DiagnosticArray']
 
         generate = ActionClient(node, Generate, '/capsule/generate')
         assert generate.wait_for_server(timeout_sec=TIMEOUT_S)
-        goal_handle = wait(
-            executor, generate.send_goal_async(Generate.Goal(prompt='hello')), 'generate goal')
+        goal = Generate.Goal(prompt='hello', max_new_tokens=2)
+        goal_handle = wait(executor, generate.send_goal_async(goal), 'generate goal')
         wrapped = wait(executor, goal_handle.get_result_async(), 'generate result')
-        assert wrapped.status == GoalStatus.STATUS_ABORTED
-        assert wrapped.result.error_code == Generate.Result.NOT_AVAILABLE
-        assert wrapped.result.stop_reason == Generate.Result.STOP_ERROR
+        assert wrapped.status == GoalStatus.STATUS_SUCCEEDED, wrapped.result.message
+        assert wrapped.result.generated_tokens == len(wrapped.result.token_ids) >= 1
         generate.destroy()
+
+        assert change_state(executor, node, Transition.TRANSITION_DEACTIVATE)
+        assert current_state(executor, node) == State.PRIMARY_STATE_INACTIVE
+        closed = run_cli('list', timeout_s=2.0)
+        assert closed.returncode == 3, closed.stdout  # services are closed while inactive
+        assert change_state(executor, node, Transition.TRANSITION_CLEANUP)
+        assert current_state(executor, node) == State.PRIMARY_STATE_UNCONFIGURED
     finally:
         executor.shutdown(timeout_sec=5.0)
         node.destroy_node()
@@ -176,6 +193,18 @@ def test_autostarted_node_answers_cli_list():
         output = process.stdout.read()
         process.stdout.close()
     assert 'active: services and action open' in output, output
+
+
+def test_invalid_parameter_fails_configure_naming_it():
+    """An out-of-range value fails configure; with autostart the process exits non-zero."""
+    process = start_policy_node('-p', 'engine.max_seq_len:=5', '-p', 'generation.top_p:=1')
+    try:
+        assert process.wait(timeout=TIMEOUT_S) == 1
+    finally:
+        stop(process)
+        output = process.stdout.read()
+        process.stdout.close()
+    assert 'parameter engine.max_seq_len' in output, output
 
 
 def test_cli_reports_missing_node():
