@@ -2,8 +2,8 @@
 # Copyright 2026 The capsule_ros Authors
 # SPDX-License-Identifier: Apache-2.0
 #
-# Demo: start the policy node, talk to it over DDS, stop it. Runs scripts/planner_demo.py
-# against the node when that scenario exists, else lists the capsules with capsule_ctl.
+# Demo: start the policy node with the default config, run the planner scenario
+# (scripts/planner_demo.py) against it over DDS, list the capsules with capsule_ctl, stop it.
 # Call through scripts/env.sh (make demo does).
 set -eo pipefail
 export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
@@ -25,13 +25,8 @@ stop_node() {
 }
 trap stop_node EXIT
 
-if [[ -f scripts/planner_demo.py ]]; then
-  echo '[demo] running scripts/planner_demo.py'
-  python scripts/planner_demo.py
-else
-  echo '[demo] capsule_ctl list'
-  "$PREFIX/lib/capsule_ros/capsule_ctl" --timeout 30 list
-  echo '[demo] capsule_ctl list --json'
-  "$PREFIX/lib/capsule_ros/capsule_ctl" --timeout 30 list --json
-fi
+echo '[demo] running scripts/planner_demo.py'
+python scripts/planner_demo.py
+echo '[demo] the same store through the CLI: capsule_ctl list'
+"$PREFIX/lib/capsule_ros/capsule_ctl" --timeout 30 list
 echo '[demo] ok'
