@@ -43,8 +43,10 @@ from capsule_ros.runtime.state import BufferSpec, sequence_range, StateKind, Sta
 import torch
 
 MAX_BRANCHES = 64
-# meta scalars: [position, turn state, has last logits]
-SCALAR_POSITION, SCALAR_TURN, SCALAR_HAS_LOGITS = range(3)
+# meta scalars: [position, turn state, has last logits, sampler top_k, sampler seed]
+SCALAR_POSITION, SCALAR_TURN, SCALAR_HAS_LOGITS, SCALAR_TOP_K, SCALAR_SEED = range(5)
+# sampler floats: [temperature, top_p]
+SAMPLER_TEMPERATURE, SAMPLER_TOP_P = range(2)
 
 
 class StopReason(str, enum.Enum):
@@ -157,7 +159,8 @@ class PolicyEngine:
             # the model computes logits in its own dtype, so storing them in it is lossless
             BufferSpec('last_logits', StateKind.META, (vocab_size,), self.dtype),
             BufferSpec('rng_state', StateKind.META, (rng_bytes,), torch.uint8),
-            BufferSpec('scalars', StateKind.META, (4,), torch.int64),
+            BufferSpec('scalars', StateKind.META, (5,), torch.int64),
+            BufferSpec('sampler', StateKind.META, (2,), torch.float64),
         ])
         self.fingerprint = self._fingerprint(files.weights_sha256)
         report(f'allocating {self.config.engine.max_sessions} slots of '
@@ -457,6 +460,10 @@ class PolicyEngine:
         scalars[SCALAR_POSITION] = session.position
         scalars[SCALAR_TURN] = int(session.turn)
         scalars[SCALAR_HAS_LOGITS] = int(session.has_logits)
+        scalars[SCALAR_TOP_K] = session.sampling.top_k
+        scalars[SCALAR_SEED] = session.sampling.seed
+        buffers['sampler'][SAMPLER_TEMPERATURE] = session.sampling.temperature
+        buffers['sampler'][SAMPLER_TOP_P] = session.sampling.top_p
         buffers['rng_state'].copy_(session.generator.get_state())
         return {spec.name: buffers[spec.name].clone() for spec in self.layout.fixed_specs}
 
@@ -468,6 +475,10 @@ class PolicyEngine:
         session.position = scalars[SCALAR_POSITION]
         session.turn = TurnState(scalars[SCALAR_TURN])
         session.has_logits = bool(scalars[SCALAR_HAS_LOGITS])
+        sampler = buffers['sampler'].tolist()
+        session.sampling = SamplingConfig(
+            temperature=sampler[SAMPLER_TEMPERATURE], top_k=scalars[SCALAR_TOP_K],
+            top_p=sampler[SAMPLER_TOP_P], seed=scalars[SCALAR_SEED])
         session.generator.set_state(buffers['rng_state'].clone())
 
     def restore(self, capsule_id: str, session_id: str = '') -> RestoreResult:

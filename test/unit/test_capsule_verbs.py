@@ -267,3 +267,16 @@ def test_wrong_model_capsule_is_refused(tiny_model_dir, tmp_path):
     other = make_engine(tiny_model_dir, tmp_path, dtype='bfloat16')
     with pytest.raises(FingerprintMismatchError):
         other.load('x')
+
+
+def test_branch_children_inherit_the_sampler_settings(tiny_engine):
+    """Sampler parameters are session state: a child samples like its parent would."""
+    engine = tiny_engine
+    sampling = SamplingConfig(temperature=0.9, top_k=40, seed=3)
+    parent = engine.create_session(sampling=sampling)
+    engine.snapshot(parent, 'empty')
+    child = engine.branch('empty', 1)[0]
+    reference = engine.create_session(sampling=sampling)
+    for session in (child, reference):
+        engine.append(session, 'stop go')
+    assert engine.generate(child, 6).token_ids == engine.generate(reference, 6).token_ids
