@@ -118,35 +118,33 @@ def plot(results, contexts, path):
     def series(peer, key):
         return [(results.get(peer) or {}).get(str(context), {}).get(key) for context in contexts]
 
+    def draw(axis, lines, title):
+        for peer, key, label, style in lines:
+            values = series(peer, key)
+            if any(value is not None for value in values):
+                axis.plot(contexts, values, style, label=label)
+        axis.set(xscale='log', yscale='log', xlabel='context tokens', ylabel='ms', title=title)
+        axis.legend(fontsize=8)
+
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    for peer, key, label, style in [
+    draw(left, [
             ('engine-bfloat16', 'cold_ttft_ms', 'engine cold prefill', 'o--'),
             ('llamacpp', 'cold_ttft_ms', 'llama.cpp cold prefill', 's--'),
             ('transformers', 'cold_ttft_ms', 'transformers cold prefill', '^--'),
             ('engine-bfloat16', 'ttft_restore_ms', 'engine restore + first token', 'o-'),
             ('engine-bfloat16', 'restore_step_ms', 'engine restore + one step', 'd-'),
             ('llamacpp', 'restore_step_ms', 'llama.cpp load_state + one step', 's-'),
-            ('transformers', 'restore_step_ms', 'transformers deepcopy + one step', '^-')]:
-        values = series(peer, key)
-        if any(value is not None for value in values):
-            left.plot(contexts, values, style, label=label)
-    left.set(xscale='log', yscale='log', xlabel='context tokens', ylabel='ms',
-             title='Time to first token: cold vs re-entry')
-    left.legend(fontsize=8)
-    for peer, key, label, style in [
+            ('transformers', 'restore_step_ms', 'transformers deepcopy + one step', '^-')],
+         'Time to first token: cold vs re-entry')
+    draw(right, [
             ('engine-bfloat16', 'snapshot_ms', 'engine snapshot', 'o-'),
             ('engine-bfloat16', 'rollback_ms', 'engine rollback in place', 'd-'),
             ('engine-bfloat16', 'restore_other_ms', 'engine restore into other session', 'x-'),
             ('engine-bfloat16', 'raw_copy_ms', 'raw memory copy of the same bytes', 'k:'),
             ('llamacpp', 'snapshot_ms', 'llama.cpp save_state', 's-'),
             ('llamacpp', 'restore_other_ms', 'llama.cpp load_state', 's--'),
-            ('transformers', 'snapshot_ms', 'transformers deepcopy', '^-')]:
-        values = series(peer, key)
-        if any(value is not None for value in values):
-            right.plot(contexts, values, style, label=label)
-    right.set(xscale='log', yscale='log', xlabel='context tokens', ylabel='ms',
-              title='Capsule verbs')
-    right.legend(fontsize=8)
+            ('transformers', 'snapshot_ms', 'transformers deepcopy', '^-')],
+         'Capsule verbs')
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 

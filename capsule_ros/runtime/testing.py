@@ -255,3 +255,17 @@ def capsule_program_machine():
             assert set(self.capsules) == {capsule.capsule_id for capsule in store.capsules()}
 
     return CapsuleMachine
+
+
+def run_capsule_programs(engine, max_examples: int, steps: int) -> None:
+    """Run ``max_examples`` random capsule programs of ``steps`` steps on ``engine``."""
+    from hypothesis import HealthCheck, settings
+
+    machine = capsule_program_machine()
+    machine.engine = engine
+    engine.config.capsules.directory().mkdir(parents=True, exist_ok=True)
+    machine_test = machine.TestCase
+    machine_test.settings = settings(
+        max_examples=max_examples, stateful_step_count=steps, deadline=None,
+        derandomize=True, suppress_health_check=list(HealthCheck))
+    machine_test('runTest').runTest()

@@ -13,19 +13,12 @@
 # limitations under the License.
 """A few random capsule programs on the real SmolLM2 weights, checked against replays."""
 
-from capsule_ros.runtime.testing import capsule_program_machine
+from capsule_ros.runtime.testing import run_capsule_programs
 from conftest import make_engine
-from hypothesis import HealthCheck, settings
 
 
 def test_random_capsule_programs_on_real_weights(tmp_path):
     """A handful of programs: the machine's checks hold with the real model too."""
-    machine = capsule_program_machine()
-    machine.engine = make_engine(tmp_path, engine={'max_seq_len': 320, 'max_sessions': 5},
-                                 capsules={'budget_bytes': 64 << 20})
-    machine.engine.config.capsules.directory().mkdir(parents=True, exist_ok=True)
-    machine_test = machine.TestCase
-    machine_test.settings = settings(
-        max_examples=4, stateful_step_count=10, deadline=None, derandomize=True,
-        suppress_health_check=list(HealthCheck))
-    machine_test('runTest').runTest()
+    engine = make_engine(tmp_path, engine={'max_seq_len': 320, 'max_sessions': 5},
+                         capsules={'budget_bytes': 64 << 20})
+    run_capsule_programs(engine, max_examples=4, steps=10)

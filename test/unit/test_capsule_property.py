@@ -19,21 +19,13 @@ touched session against a replay of its operations in a fresh session (journal e
 logits bitwise equal), the byte budget after every step, and that evictions spare pins.
 """
 
-from capsule_ros.runtime.testing import capsule_program_machine
+from capsule_ros.runtime.testing import run_capsule_programs
 from conftest import make_engine
-from hypothesis import HealthCheck, settings
 import pytest
 
 
 @pytest.mark.parametrize('budget_bytes', [1_200_000, 64 << 20])
 def test_random_capsule_programs_match_replay(tiny_model_dir, tmp_path, budget_bytes):
     """Hundreds of random programs, with a tight budget (evictions) and a roomy one."""
-    machine = capsule_program_machine()
-    machine.engine = make_engine(tiny_model_dir, tmp_path,
-                                 capsules={'budget_bytes': budget_bytes})
-    machine.engine.config.capsules.directory().mkdir(parents=True, exist_ok=True)
-    machine_test = machine.TestCase
-    machine_test.settings = settings(
-        max_examples=125, stateful_step_count=20, deadline=None, derandomize=True,
-        suppress_health_check=list(HealthCheck))
-    machine_test('runTest').runTest()
+    engine = make_engine(tiny_model_dir, tmp_path, capsules={'budget_bytes': budget_bytes})
+    run_capsule_programs(engine, max_examples=125, steps=20)

@@ -167,7 +167,7 @@ class LlamaModel:
                 'gate_up': torch.cat([take(mlp + 'gate_proj.weight'),
                                       take(mlp + 'up_proj.weight')]),
                 'down': take(mlp + 'down_proj.weight'),  # [D, I]
-                'qkv_bias': None, 'q_norm': None, 'k_norm': None,
+                'qkv_bias': None, 'qk_norm': None,
             }
             for name in ('qkv', 'o', 'gate_up', 'down'):
                 layer[name] = self._prepare_linear(layer[name])
@@ -175,8 +175,10 @@ class LlamaModel:
                 layer['qkv_bias'] = torch.cat(
                     [take(attention + f'{p}_proj.bias') for p in 'qkv'])
             if config.qk_norm:
-                layer['q_norm'] = take(attention + 'q_norm.weight')  # [hd]
-                layer['k_norm'] = take(attention + 'k_norm.weight')  # [hd]
+                # [H + Hkv, 1, hd]: q_norm for the query heads, k_norm for the key heads
+                layer['qk_norm'] = torch.cat([
+                    take(attention + 'q_norm.weight').expand(config.num_heads, -1),
+                    take(attention + 'k_norm.weight').expand(config.num_kv_heads, -1)])[:, None]
             self.layers.append(layer)
         self.lm_head_linear = self._prepare_linear(self.lm_head)
         cos, sin = rope_tables(config, max_seq_len)
@@ -185,6 +187,7 @@ class LlamaModel:
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.group_size = config.num_heads // config.num_kv_heads
+        self.qk_heads = config.num_heads + config.num_kv_heads
 
     def _prepare_linear(self, weight: torch.Tensor) -> torch.Tensor:
         if self.packed_linears:
@@ -239,15 +242,15 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer['input_norm'])
             qkv = self._linear(h, layer['qkv'], layer['qkv_bias'])  # [S, (H + 2 Hkv) hd]
-            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = q.view(num_tokens, config.num_heads, head_dim).transpose(0, 1)  # [H, S, hd]
-            k = k.view(num_tokens, config.num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, S, hd]
-            v = v.view(num_tokens, config.num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, S, hd]
-            if layer['q_norm'] is not None:
-                q = self._rms_norm(q, layer['q_norm'])
-                k = self._rms_norm(k, layer['k_norm'])
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            # q and k are neighbours in qkv: normalize and rotate them as one tensor
+            qk = qkv[:, :self.q_size + self.kv_size].view(
+                num_tokens, self.qk_heads, head_dim).transpose(0, 1)  # [H + Hkv, S, hd]
+            v = qkv[:, self.q_size + self.kv_size:].view(
+                num_tokens, config.num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, S, hd]
+            if layer['qk_norm'] is not None:
+                qk = self._rms_norm(qk, layer['qk_norm'])
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split((config.num_heads, config.num_kv_heads))  # [H | Hkv, S, hd]
             kv[index, 0, :, start_pos:end_pos] = k
             kv[index, 1, :, start_pos:end_pos] = v
             keys = kv[index, 0, :, :end_pos]  # [Hkv, end, hd]
