@@ -60,6 +60,7 @@ STOP_REASON_NAMES = {
     Generate.Result.STOP_MAX_TOKENS: 'max_tokens',
     Generate.Result.STOP_CANCELED: 'canceled',
     Generate.Result.STOP_ERROR: 'error',
+    Generate.Result.STOP_CONTEXT_FULL: 'context_full',
 }
 # Generation results can take minutes (long prefill, many tokens).
 DEFAULT_RESULT_TIMEOUT_S = 600.0

@@ -65,7 +65,7 @@ STOP_REASONS = {
     StopReason.MAX_TOKENS: Generate.Result.STOP_MAX_TOKENS,
     StopReason.CANCELED: Generate.Result.STOP_CANCELED,
     # The session ran out of positions: generation ended cleanly, like max_new_tokens.
-    StopReason.CONTEXT_FULL: Generate.Result.STOP_MAX_TOKENS,
+    StopReason.CONTEXT_FULL: Generate.Result.STOP_CONTEXT_FULL,
 }
 
 

@@ -33,9 +33,10 @@ from capsule_ros.runtime.capsule import (Capsule, CapsuleEvent, CapsuleInfo, Cap
                                          EventKind, Segment, Slot)
 from capsule_ros.runtime.chat import ChatFormatter, Role, TurnState
 from capsule_ros.runtime.config import PolicyConfig, SamplingConfig
-from capsule_ros.runtime.errors import (check_plain_name, ContextFullError,
-                                        FingerprintMismatchError, InvalidArgumentError,
-                                        SessionBusyError, UnknownSessionError)
+from capsule_ros.runtime.errors import (BudgetExceededError, check_plain_name,
+                                        ContextFullError, FingerprintMismatchError,
+                                        InvalidArgumentError, SessionBusyError,
+                                        UnknownSessionError)
 from capsule_ros.runtime.models.llama import LlamaConfig, LlamaModel
 from capsule_ros.runtime.sampling import new_generator, select_token
 from capsule_ros.runtime.state import BufferSpec, sequence_range, StateKind, StateLayout
@@ -222,7 +223,7 @@ class PolicyEngine:
                               (f's{index}' for index in self._session_counter)
                               if candidate not in self._sessions)
         if not self._free_slots:
-            raise InvalidArgumentError(
+            raise BudgetExceededError(
                 f'all {self.config.engine.max_sessions} session slots are in use; close a '
                 f'session or raise engine.max_sessions')
         slot = self._free_slots.pop(0)
@@ -342,7 +343,9 @@ class PolicyEngine:
                 formatted = self.chat.message_text(role, text, session.position == 0,
                                                    session.turn)
                 token_ids = self.tokenize(formatted)
+            started = time.perf_counter()
             self._run(session, token_ids, progress)
+            self.last_latencies['append'] = time.perf_counter() - started
             if tokens is None and role is not Role.RAW:
                 session.turn = TurnState.IDLE
             return len(token_ids)
@@ -412,8 +415,10 @@ class PolicyEngine:
                     text = text[:hit]
                     reason = StopReason.STOP_STRING
                     break
-            return GenerationResult(text, tuple(generated), reason, first_token_s,
-                                    time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            self.last_latencies['generate'] = elapsed
+            self.last_latencies['first_token'] = first_token_s
+            return GenerationResult(text, tuple(generated), reason, first_token_s, elapsed)
 
     # -- capsule verbs ----------------------------------------------------------------------
 
@@ -558,7 +563,7 @@ class PolicyEngine:
             capsule = self.store.get(capsule_id)
             self._check_fingerprint(capsule)
             if num_branches > len(self._free_slots):
-                raise InvalidArgumentError(
+                raise BudgetExceededError(
                     f'{num_branches} branches need {num_branches} free session slots, '
                     f'{len(self._free_slots)} are free (engine.max_sessions='
                     f'{self.config.engine.max_sessions}); close sessions first')

@@ -38,7 +38,7 @@ import uuid
 
 from capsule_ros.runtime.errors import (CapsuleIOError, check_plain_name,
                                         CorruptCapsuleError, FingerprintMismatchError,
-                                        InvalidArgumentError)
+                                        InvalidArgumentError, UnknownCapsuleError)
 from capsule_ros.runtime.loader import file_sha256
 from capsule_ros.runtime.state import StateLayout
 import torch
@@ -120,7 +120,8 @@ def read_capsule(directory: Path, name: str, layout: StateLayout, fingerprint: s
     manifest_path = path / MANIFEST_NAME
     payload_path = path / PAYLOAD_NAME
     if not manifest_path.is_file():
-        raise CapsuleIOError(f'no saved capsule {name!r} in {directory}')
+        raise UnknownCapsuleError(f'no saved capsule {name!r} in {directory} (saved: '
+                                  f'{", ".join(list_saved(directory)[:8]) or "none"})')
     try:
         manifest_size = manifest_path.stat().st_size
         if manifest_size > MAX_MANIFEST_BYTES:
@@ -207,9 +208,12 @@ def _check_manifest(name: str, manifest, fingerprint: str, max_seq_len: int) -> 
             raise CorruptCapsuleError(f'capsule {name!r}: manifest field {key!r} is missing '
                                       f'or not a {kind.__name__}')
     position = manifest['position']
-    if not 0 <= position <= max_seq_len:
-        raise CorruptCapsuleError(f'capsule {name!r}: position {position} outside '
-                                  f'[0, {max_seq_len}]')
+    if position < 0:
+        raise CorruptCapsuleError(f'capsule {name!r}: negative position {position}')
+    if position > max_seq_len:
+        raise InvalidArgumentError(
+            f"capsule {name!r} holds {position} tokens, more than this engine's "
+            f'engine.max_seq_len={max_seq_len}; load it into a node with longer slots')
     expected_start = 0
     for segment in manifest['segments']:
         if (not isinstance(segment, dict) or not isinstance(segment.get('uid'), str)

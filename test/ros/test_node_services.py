@@ -210,7 +210,7 @@ def test_bad_input_gets_named_error_codes(client):
         failed(client.save('bad-input', name=name), 'INVALID_ARGUMENT')
         failed(client.load(name), 'INVALID_ARGUMENT')
     failed(client.load(''), 'INVALID_ARGUMENT')
-    failed(client.load('never-saved'), 'IO_ERROR')
+    failed(client.load('never-saved'), 'UNKNOWN_CAPSULE')
 
     failed(client.close_session(''), 'INVALID_ARGUMENT')
     failed(client.close_session('no-such-session'), 'UNKNOWN_SESSION')

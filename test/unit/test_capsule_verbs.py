@@ -280,3 +280,17 @@ def test_branch_children_inherit_the_sampler_settings(tiny_engine):
     for session in (child, reference):
         engine.append(session, 'stop go')
     assert engine.generate(child, 6).token_ids == engine.generate(reference, 6).token_ids
+
+
+def test_session_slots_are_a_budget(tiny_engine):
+    """Running out of slots is BUDGET_EXCEEDED, for new sessions and for branches alike."""
+    engine = tiny_engine
+    sessions = [engine.create_session() for _ in range(engine.config.engine.max_sessions)]
+    engine.append(sessions[0], 'x')
+    engine.snapshot(sessions[0], 'full')
+    with pytest.raises(BudgetExceededError, match='slots'):
+        engine.create_session()
+    with pytest.raises(BudgetExceededError, match='free session slots'):
+        engine.branch('full', 1)
+    engine.close_session(sessions[1])
+    assert len(engine.branch('full', 1)) == 1
