@@ -181,15 +181,7 @@ def capsule_program_machine():
             self.capsules[label] = (list(self.histories[session]), pin)
             self._sync_evictions()
 
-        @precondition(lambda self: self.capsules)
-        @rule(data=st.data(), into_other=st.booleans())
-        def restore(self, data, into_other):
-            capsule_id = data.draw(st.sampled_from(sorted(self.capsules)))
-            target = ''
-            if into_other and self.histories:
-                target = data.draw(st.sampled_from(sorted(self.histories)))
-            elif len(self.histories) >= 3:
-                target = sorted(self.histories)[0]
+        def _restore(self, capsule_id, target):
             try:
                 result = self.engine.restore(capsule_id, target)
             except BudgetExceededError:
@@ -198,9 +190,25 @@ def capsule_program_machine():
             self.histories[result.session_id] = list(self.capsules[capsule_id][0])
             self._replay_matches(result.session_id)
 
+        @precondition(lambda self: self.capsules)
+        @rule(data=st.data())
+        def rollback_capsule(self, data):
+            # the capsule's own session (a new one if it was closed and a slot is free)
+            capsule_id = data.draw(st.sampled_from(sorted(self.capsules)))
+            own = self.engine.capsule(capsule_id).session_id
+            if own not in self.histories and len(self.histories) >= 3:
+                return
+            self._restore(capsule_id, '')
+
+        @precondition(lambda self: self.capsules and self.histories)
+        @rule(data=st.data())
+        def restore_into_session(self, data):
+            capsule_id = data.draw(st.sampled_from(sorted(self.capsules)))
+            self._restore(capsule_id, data.draw(st.sampled_from(sorted(self.histories))))
+
         @precondition(lambda self: self.capsules and len(self.histories) < 3)
         @rule(data=st.data())
-        def branch(self, data):
+        def branch_capsule(self, data):
             capsule_id = data.draw(st.sampled_from(sorted(self.capsules)))
             count = data.draw(st.integers(1, 3 - len(self.histories)))
             children = self.engine.branch(capsule_id, count)
@@ -209,7 +217,7 @@ def capsule_program_machine():
             self._sync_evictions()
             self._replay_matches(children[-1])
 
-        @precondition(lambda self: self.capsules)
+        @precondition(lambda self: len(self.capsules) >= 2)
         @rule(data=st.data())
         def release(self, data):
             capsule_id = data.draw(st.sampled_from(sorted(self.capsules)))

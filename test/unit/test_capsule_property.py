@@ -24,8 +24,8 @@ from conftest import make_engine
 import pytest
 
 
-@pytest.mark.parametrize('budget_bytes', [1_200_000, 64 << 20])
+@pytest.mark.parametrize('budget_bytes', [700_000, 64 << 20])
 def test_random_capsule_programs_match_replay(tiny_model_dir, tmp_path, budget_bytes):
     """Hundreds of random programs, with a tight budget (evictions) and a roomy one."""
     engine = make_engine(tiny_model_dir, tmp_path, capsules={'budget_bytes': budget_bytes})
-    run_capsule_programs(engine, max_examples=125, steps=20)
+    run_capsule_programs(engine, max_examples=300, steps=30)
