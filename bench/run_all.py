@@ -46,6 +46,20 @@ def run_peer(peer, contexts, output_dir):
     return json.loads(out.read_text())
 
 
+def run_service_latency(output_dir):
+    """Run the DDS service-latency probe against the real node (needs ROS 2 sourced)."""
+    out = output_dir / 'service_latency.json'
+    print('[bench] service latency over DDS during a generation ...', file=sys.stderr,
+          flush=True)
+    completed = subprocess.run([sys.executable, str(HERE / 'service_latency.py'), '--out',
+                                str(out)])
+    if completed.returncode != 0:
+        print('[bench] service latency probe failed (is ROS 2 sourced? run through make '
+              'bench); left out', file=sys.stderr)
+        return None
+    return json.loads(out.read_text())
+
+
 def cell(value, digits=1):
     """Format a number or a dash."""
     return '-' if value is None else f'{value:.{digits}f}'
@@ -106,6 +120,16 @@ def tables(results, contexts):
                   f'capsule ({branch["one_full_capsule_bytes"] / 2 ** 20:.1f} MiB; the floor with '
                   f'shared prefixes is '
                   f'{(branch["prefix_tokens"] + branch["branches"] * branch["new_tokens"]) / (branch["prefix_tokens"] + branch["new_tokens"]):.3f}x).']  # noqa: E501
+    service = results.get('service_latency')
+    if service:
+        lines += ['', '## Service latency over DDS while a generation runs (ms)', '',
+                  f'{service["calls"]} mixed calls from 4 client threads, '
+                  f'{service["unanswered"]} unanswered, {service["wrong"]} wrong answers.', '',
+                  '| service | calls | p50 | p90 | p99 | max |', '|---|---|---|---|---|---|']
+        for name, stats in sorted(service['services'].items()) + [('all', service['all'])]:
+            if stats.get('count'):
+                lines.append(f'| {name} | {stats["count"]} | {stats["p50"]:.2f} | '
+                             f'{stats["p90"]:.2f} | {stats["p99"]:.2f} | {stats["max"]:.2f} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -155,10 +179,14 @@ def main():
     parser.add_argument('--contexts', type=int, nargs='+', default=[512, 2048, 8000])
     parser.add_argument('--peers', nargs='+', default=PEERS, choices=PEERS)
     parser.add_argument('--out', default=str(HERE / 'results'))
+    parser.add_argument('--skip-service-latency', action='store_true',
+                        help='leave out the DDS service-latency probe (needs ROS 2)')
     arguments = parser.parse_args()
     output_dir = Path(arguments.out)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = {peer: run_peer(peer, arguments.contexts, output_dir) for peer in arguments.peers}
+    if not arguments.skip_service_latency:
+        results['service_latency'] = run_service_latency(output_dir)
     (output_dir / 'results.json').write_text(json.dumps(results, indent=1))
     text = tables(results, arguments.contexts)
     (output_dir / 'summary.md').write_text(text)
