@@ -28,4 +28,4 @@ import pytest
 def test_random_capsule_programs_match_replay(tiny_model_dir, tmp_path, budget_bytes):
     """Hundreds of random programs, with a tight budget (evictions) and a roomy one."""
     engine = make_engine(tiny_model_dir, tmp_path, capsules={'budget_bytes': budget_bytes})
-    run_capsule_programs(engine, max_examples=300, steps=30)
+    run_capsule_programs(engine, max_examples=200, steps=30)
