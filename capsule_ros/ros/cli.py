@@ -228,6 +228,8 @@ def human(command, response):
         lines += lineage_tree(capsules)
         if response.sessions:
             lines.append('sessions: ' + ' '.join(response.sessions))
+        if response.saved:
+            lines.append('saved (load by name): ' + ' '.join(response.saved))
         return '\n'.join(lines)
     if command in ('snapshot', 'load'):
         return (f'{command}: {capsule_line(capsule_to_dict(response.capsule))} '

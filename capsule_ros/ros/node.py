@@ -380,6 +380,7 @@ class PolicyNode(LifecycleNode):
             response.sessions = engine.sessions()
             response.budget_bytes = engine.store.budget_bytes
             response.used_bytes = engine.store.used_bytes
+            response.saved = engine.saved_capsules()
         return self._serve(response, verb)
 
     def _append_callback(self, request, response):

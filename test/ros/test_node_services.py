@@ -271,6 +271,7 @@ def test_save_load_and_damaged_files(client, node):
     capsule = ok(client.snapshot(session_id, label='to-disk')).capsule
     saved = ok(client.save('to-disk'))
     assert saved.path == str(node.capsule_dir / 'to-disk') and saved.bytes_written > 0
+    assert 'to-disk' in ok(client.list_capsules()).saved  # the disk tier is listed
     failed(client.load('to-disk'), 'INVALID_ARGUMENT')  # the id 'to-disk' is live
     ok(client.save('to-disk', name='to-disk-copy'))
     loaded = ok(client.load('to-disk-copy')).capsule
