@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import enum
 import itertools
 import threading
-import time
 from typing import Callable
 import uuid
 
@@ -370,15 +369,5 @@ class CapsuleStore:
             self.used_bytes -= segment.num_bytes
 
 
-def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Total bytes of a dict of tensors."""
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
-
-
 def _mib(num_bytes: int) -> str:
     return f'{num_bytes / (1 << 20):.1f} MiB'
-
-
-def now() -> float:
-    """Wall-clock creation stamp of a capsule."""
-    return time.time()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import enum
 import hashlib
 import itertools
+from pathlib import Path
 import threading
 import time
 from typing import Callable, Iterable
@@ -136,8 +137,7 @@ class PolicyEngine:
         if self.device.type == 'cuda' and not torch.cuda.is_available():
             raise InvalidArgumentError('parameter backend.device: CUDA is not available here')
         self.dtype = getattr(torch, self.config.model.dtype)
-        cache_dir = loader.Path(self.config.model.cache_dir) if self.config.model.cache_dir \
-            else None
+        cache_dir = Path(self.config.model.cache_dir) if self.config.model.cache_dir else None
         files = loader.resolve_model(self.config.model.path, cache_dir, progress)
         report(f'loading weights from {files.directory}')
         hf_config, weights = loader.load_hf_directory(files.directory)
@@ -431,14 +431,13 @@ class PolicyEngine:
             session = self._session(session_id)
             with self._hold(session):
                 capsule_id = self.store.new_capsule_id(label)
-                self.store.check_fits(self.layout.sequence_bytes(session.position)
-                                      + self._fixed_bytes(), f'capsule of {session.position} '
-                                      f'tokens')
+                self.store.check_fits(self.layout.capsule_bytes(session.position),
+                                      f'capsule of {session.position} tokens')
                 chain = session.chain
                 if session.position > session.chain_end:
                     segment = Segment(session.chain_end, session.position,
-                                      self.layout.sequence_bytes(session.position)
-                                      - self.layout.sequence_bytes(session.chain_end))
+                                      self.layout.sequence_bytes(
+                                          session.position - session.chain_end))
                     segment.residences.add(session.slot)
                     session.slot.resident.add(segment)
                     chain = chain + (segment,)
@@ -446,7 +445,7 @@ class PolicyEngine:
                     capsule_id=capsule_id, label=label, session_id=session_id,
                     parent_id=session.parent_id, position=session.position,
                     fingerprint=self.fingerprint, created=time.time(), chain=chain,
-                    fixed=self._export_fixed(session), fixed_bytes=self._fixed_bytes())
+                    fixed=self._export_fixed(session), fixed_bytes=self.layout.fixed_bytes())
                 self.store.add(capsule, pin)
                 session.chain = chain
                 session.parent_id = capsule_id
@@ -455,9 +454,6 @@ class PolicyEngine:
                 self._emit(CapsuleEvent(EventKind.CREATED, capsule_id, session_id,
                                         f'{session.position} tokens', latency))
                 return self.store.info(capsule)
-
-    def _fixed_bytes(self) -> int:
-        return sum(spec.num_bytes for spec in self.layout.fixed_specs)
 
     def _export_fixed(self, session: Session) -> dict[str, torch.Tensor]:
         buffers = session.slot.buffers
@@ -630,16 +626,15 @@ class PolicyEngine:
         """Load a saved capsule into memory under the id ``name`` (verified first)."""
         started = time.perf_counter()
         directory = self.config.capsules.directory()
-        max_payload = (self.layout.sequence_bytes(self.max_seq_len) + self._fixed_bytes()
-                       + (1 << 20))
+        max_payload = self.layout.capsule_bytes(self.max_seq_len) + (1 << 20)
         saved = persist.read_capsule(directory, name, self.layout, self.fingerprint,
                                      self.max_seq_len, self.model_config.vocab_size,
                                      max_payload)
         manifest = saved.manifest
         with self._lock:
             capsule_id = self.store.new_capsule_id(name)
-            self.store.check_fits(self.layout.sequence_bytes(manifest['position'])
-                                  + self._fixed_bytes(), f'capsule {name!r}')
+            self.store.check_fits(self.layout.capsule_bytes(manifest['position']),
+                                  f'capsule {name!r}')
             chain = []
             fresh = []
             for segment_manifest, tensors in saved.segments:
@@ -648,8 +643,8 @@ class PolicyEngine:
                 if live is not None and (live.start, live.end) == (start, end):
                     chain.append(live)  # shared with a capsule already in memory
                     continue
-                segment = Segment(start, end, self.layout.sequence_bytes(end)
-                                  - self.layout.sequence_bytes(start), segment_manifest['uid'])
+                segment = Segment(start, end, self.layout.sequence_bytes(end - start),
+                                  segment_manifest['uid'])
                 fresh.append((segment, tensors))
                 chain.append(segment)
             shared = [segment for segment in chain if segment.capsule_refs]
@@ -657,7 +652,7 @@ class PolicyEngine:
                 segment.capsule_refs += 1
             try:
                 self.store.make_room(sum(segment.num_bytes for segment, _ in fresh)
-                                     + self._fixed_bytes())
+                                     + self.layout.fixed_bytes())
             finally:
                 for segment in shared:
                     segment.capsule_refs -= 1
@@ -670,7 +665,7 @@ class PolicyEngine:
                 position=manifest['position'], fingerprint=manifest['fingerprint'],
                 created=manifest['created'], chain=tuple(chain),
                 fixed={key: value.to(self.device) for key, value in saved.fixed.items()},
-                fixed_bytes=self._fixed_bytes())
+                fixed_bytes=self.layout.fixed_bytes())
             self.store.add(capsule, pin=False)
             latency = time.perf_counter() - started
             self.last_latencies['load'] = latency

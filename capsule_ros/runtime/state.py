@@ -88,8 +88,16 @@ class StateLayout:
         return sum(spec.num_bytes for spec in self.specs)
 
     def sequence_bytes(self, num_positions: int) -> int:
-        """Bytes of the sequence buffers' valid range ``[0, num_positions)``."""
+        """Bytes of ``num_positions`` positions of every sequence buffer."""
         return sum(spec.bytes_per_position() * num_positions for spec in self.sequence_specs)
+
+    def fixed_bytes(self) -> int:
+        """Bytes of the buffers captured whole (everything without a sequence axis)."""
+        return sum(spec.num_bytes for spec in self.fixed_specs)
+
+    def capsule_bytes(self, num_positions: int) -> int:
+        """Bytes of a complete capsule at ``num_positions``, all of its segments included."""
+        return self.sequence_bytes(num_positions) + self.fixed_bytes()
 
     def layout_hash(self) -> str:
         """
