@@ -16,6 +16,14 @@ Synchronous rclpy client of a policy node, shared by ``capsule_ctl``, the demo a
 
 One ``CapsuleClient`` owns one rclpy node and one single-threaded executor; use one per thread.
 Every wait has a timeout: a call that gets no answer raises ``NoAnswerError``.
+
+First contact and lost responses: with Fast DDS a service drops its response when its response
+writer has not yet matched the client's reader; it waits 100 ms, then warns "failed to send
+response (timeout): client will not receive response" (ros2/rmw_fastrtps#842). A client process
+that just started, talking to a node on a busy machine, can hit this on its first call, which
+then never gets an answer. ``CapsuleClient`` therefore creates all its endpoints at once and,
+before its first request, repeats the read-only ``list`` call until one answer comes back: from
+then on the node has discovered this client, and a snapshot or a generate goal is sent once.
 """
 
 import threading
@@ -65,6 +73,10 @@ STOP_REASON_NAMES = {
 # Generation results can take minutes (long prefill, many tokens).
 DEFAULT_RESULT_TIMEOUT_S = 600.0
 SPIN_STEP_S = 0.05
+# First contact repeats the read-only list call, waiting this long for the first answer, then
+# twice as long each time up to the cap, until one answer arrives (see CapsuleClient.connect).
+FIRST_ATTEMPT_S = 0.5
+LONGEST_ATTEMPT_S = 4.0
 
 
 class NoAnswerError(RuntimeError):
@@ -83,9 +95,14 @@ class CapsuleClient:
             f'{client_name}_{uuid.uuid4().hex[:8]}', context=context)
         self._executor = SingleThreadedExecutor(context=context)
         self._executor.add_node(self._node)
-        self._clients = {}
+        # Every endpoint now, so that discovery announces them together (see connect()).
+        self._clients = {
+            service: self._node.create_client(service_type, f'{self.node_name}/{service}')
+            for service, service_type in SERVICE_TYPES.items()}
+        self._generate_client = ActionClient(
+            self._node, Generate, f'{self.node_name}/generate')
         self._ready = set()
-        self._generate_client = None
+        self._connected = False
 
     @property
     def node(self):
@@ -98,8 +115,7 @@ class CapsuleClient:
 
     def close(self):
         """Destroy the client node and its executor."""
-        if self._generate_client is not None:
-            self._generate_client.destroy()
+        self._generate_client.destroy()
         self._executor.shutdown(timeout_sec=1.0)
         self._node.destroy_node()
 
@@ -118,22 +134,52 @@ class CapsuleClient:
             raise NoAnswerError(f'no answer from {what} within {timeout_s} s')
         return future.result()
 
+    def _wait_for_service(self, service):
+        if service in self._ready:
+            return
+        if not self._clients[service].wait_for_service(timeout_sec=self.timeout_s):
+            raise NoAnswerError(
+                f'no answer from {self.node_name}/{service} within {self.timeout_s} s (is '
+                f'policy_node running and active, with the same ROS_DOMAIN_ID?)')
+        self._ready.add(service)
+
+    def connect(self):
+        """
+        Make first contact: repeat the read-only ``list`` call until the node answers once.
+
+        Called by the first request. Only a read-only call may be repeated; once it answered,
+        the node has matched this client's endpoints, so no response is lost to discovery.
+        """
+        if self._connected:
+            return
+        self._wait_for_service('list')
+        client = self._clients['list']
+        deadline = time.monotonic() + self.timeout_s
+        attempt_s = FIRST_ATTEMPT_S
+        while True:
+            future = client.call_async(ListCapsules.Request())
+            remaining_s = deadline - time.monotonic()
+            self._executor.spin_until_future_complete(
+                future, timeout_sec=max(0.0, min(attempt_s, remaining_s)))
+            if future.done():
+                self._connected = True
+                return
+            client.remove_pending_request(future)
+            if time.monotonic() >= deadline:
+                raise NoAnswerError(
+                    f'no answer from {self.node_name}/list within {self.timeout_s} s (the '
+                    f'service is there but did not answer: is the node busy or overloaded?)')
+            attempt_s = min(2 * attempt_s, LONGEST_ATTEMPT_S)
+
     def call(self, service, request=None, **fields):
         """Call ``service`` (e.g. ``'snapshot'``) with a request or request fields."""
         service_type = SERVICE_TYPES[service]
         if request is None:
             request = service_type.Request(**fields)
+        self.connect()
+        self._wait_for_service(service)
         name = f'{self.node_name}/{service}'
-        client = self._clients.get(service)
-        if client is None:
-            client = self._clients[service] = self._node.create_client(service_type, name)
-        if service not in self._ready:
-            if not client.wait_for_service(timeout_sec=self.timeout_s):
-                raise NoAnswerError(
-                    f'no answer from {name} within {self.timeout_s} s (is policy_node running '
-                    f'and active, with the same ROS_DOMAIN_ID?)')
-            self._ready.add(service)
-        return self._wait(client.call_async(request), name, self.timeout_s)
+        return self._wait(self._clients[service].call_async(request), name, self.timeout_s)
 
     def snapshot(self, session_id, label='', pin=False):
         """Call ``snapshot``."""
@@ -184,8 +230,7 @@ class CapsuleClient:
         goal = goal if goal is not None else Generate.Goal(**fields)
         cancel = cancel if cancel is not None else threading.Event()
         name = f'{self.node_name}/generate'
-        if self._generate_client is None:
-            self._generate_client = ActionClient(self._node, Generate, name)
+        self.connect()
         if not self._generate_client.wait_for_server(timeout_sec=self.timeout_s):
             raise NoAnswerError(f'no action server {name} within {self.timeout_s} s')
 

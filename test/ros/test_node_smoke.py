@@ -22,14 +22,12 @@ lifecycle transitions sent through the node's own lifecycle services, as launch 
 import ast
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
-import sys
+import time
 
 from action_msgs.msg import GoalStatus
-from ament_index_python.packages import get_package_prefix
 from capsule_ros.action import Generate
 from capsule_ros.ros.node import MUTATING_SERVICES
 from capsule_ros.ros.node import OTHER_SERVICES
@@ -40,95 +38,80 @@ from lifecycle_msgs.msg import State
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
 from lifecycle_msgs.srv import GetState
+from node_process import LAUNCH_FILE
+from node_process import LIB
+from node_process import NodeProcess
+from node_process import PARAMS_FILE
+from node_process import process_environment
+from node_process import run_cli
+from node_process import SHARE
 import pytest
 import rclpy
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 import yaml
 
-PREFIX = pathlib.Path(get_package_prefix('capsule_ros'))
-LIB = PREFIX / 'lib' / 'capsule_ros'
-SHARE = PREFIX / 'share' / 'capsule_ros'
-PARAMS_FILE = SHARE / 'config' / 'policy.yaml'
-LAUNCH_FILE = SHARE / 'launch' / 'policy.launch.py'
 TIMEOUT_S = 60.0  # configure loads the model (~10 s on 2 busy cores)
+GET_STATE_ATTEMPT_S = 2.0
 
 
-def process_environment():
-    """Return the environment for node / CLI processes: this Python first on PATH."""
-    environment = dict(os.environ)
-    environment['PATH'] = os.pathsep.join(
-        [os.path.dirname(sys.executable), environment.get('PATH', '')])
-    return environment
-
-
-def stop(process):
-    """Stop a node process the way launch does: SIGINT, then SIGTERM, then SIGKILL."""
-    for sig, grace_s in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        if process.poll() is not None:
-            break
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            continue
-    return process.returncode
-
-
-def start_policy_node(*extra_ros_args):
-    """Start the installed policy_node with the installed parameters file."""
-    command = [
-        str(LIB / 'policy_node'), '--ros-args', '-r', '__node:=capsule',
-        '--params-file', str(PARAMS_FILE), *extra_ros_args,
-    ]
-    return subprocess.Popen(
-        command, env=process_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
-
-
-def run_cli(*arguments, timeout_s=TIMEOUT_S):
-    """Run the installed capsule_ctl; return the completed process."""
-    return subprocess.run(
-        [str(LIB / 'capsule_ctl'), '--timeout', str(timeout_s), *arguments],
-        env=process_environment(), capture_output=True, text=True, timeout=3 * timeout_s)
-
-
-def wait(executor, future, what):
+def wait(executor, future, what, timeout_s=TIMEOUT_S):
     """Spin ``executor`` until ``future`` is done; fail naming ``what`` on timeout."""
-    executor.spin_until_future_complete(future, timeout_sec=TIMEOUT_S)
-    assert future.done(), f'no answer from {what} within {TIMEOUT_S} s'
+    executor.spin_until_future_complete(future, timeout_sec=timeout_s)
+    assert future.done(), f'no answer from {what} within {timeout_s} s'
     return future.result()
 
 
-def call(executor, client, request):
-    """Call a service from the test and wait for the answer."""
-    assert client.wait_for_service(timeout_sec=TIMEOUT_S), f'{client.srv_name} never appeared'
-    return wait(executor, client.call_async(request), client.srv_name)
+class LifecycleManager:
+    """
+    Drives the node's lifecycle services the way launch_ros' lifecycle events do.
+
+    The first calls of a fresh client can lose their response to Fast DDS discovery
+    (ros2/rmw_fastrtps#842, see capsule_ros.ros.client): get_state is read-only and is repeated
+    until it answers; a change_state whose answer is lost is judged by the state it left.
+    """
+
+    def __init__(self, executor, node):
+        """Create both lifecycle clients together, so discovery announces them together."""
+        self.executor = executor
+        self.get_state_client = node.create_client(GetState, '/capsule/get_state')
+        self.change_state_client = node.create_client(ChangeState, '/capsule/change_state')
+
+    def current_state(self):
+        """Return the node's lifecycle state id, asking again until an answer arrives."""
+        client = self.get_state_client
+        assert client.wait_for_service(timeout_sec=TIMEOUT_S), 'get_state never appeared'
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:
+            future = client.call_async(GetState.Request())
+            self.executor.spin_until_future_complete(future, timeout_sec=GET_STATE_ATTEMPT_S)
+            if future.done():
+                return future.result().current_state.id
+            client.remove_pending_request(future)
+        raise AssertionError(f'no answer from /capsule/get_state within {TIMEOUT_S} s')
+
+    def change_state(self, transition, expected_state):
+        """Send one transition; return whether the node reached ``expected_state``."""
+        client = self.change_state_client
+        assert client.wait_for_service(timeout_sec=TIMEOUT_S), 'change_state never appeared'
+        request = ChangeState.Request()
+        request.transition.id = transition
+        future = client.call_async(request)
+        self.executor.spin_until_future_complete(future, timeout_sec=TIMEOUT_S)
+        if future.done() and not future.result().success:
+            return False
+        return self.current_state() == expected_state
 
 
 @pytest.fixture
-def launched_node():
+def launched_node(tmp_path):
     """Start the node like launch does: autostart off, transitions sent by the launcher."""
     # The launch file's own overrides (model_path, backend arguments at their defaults).
-    process = start_policy_node('-p', f'{AUTOSTART_PARAMETER}:=false', '-p', "model.path:=''",
-                                '-p', 'backend.kind:=torch')
+    process = NodeProcess(
+        tmp_path / 'policy_node.log', '-p', f'{AUTOSTART_PARAMETER}:=false',
+        '-p', "model.path:=''", '-p', 'backend.kind:=torch')
     yield process
-    assert stop(process) is not None
-    process.stdout.close()
-
-
-def change_state(executor, node, transition):
-    """Send one lifecycle transition through the node's change_state service."""
-    client = node.create_client(ChangeState, '/capsule/change_state')
-    request = ChangeState.Request()
-    request.transition.id = transition
-    return call(executor, client, request).success
-
-
-def current_state(executor, node):
-    """Return the node's lifecycle state id."""
-    client = node.create_client(GetState, '/capsule/get_state')
-    return call(executor, client, GetState.Request()).current_state.id
+    assert process.stop() is not None
 
 
 def test_launch_style_node_serves_capsule_interfaces(ros_context, launched_node):
@@ -136,13 +119,16 @@ def test_launch_style_node_serves_capsule_interfaces(ros_context, launched_node)
     node = rclpy.create_node('smoke_test_client', context=ros_context)
     executor = SingleThreadedExecutor(context=ros_context)
     executor.add_node(node)
+    lifecycle = LifecycleManager(executor, node)
     try:
-        assert current_state(executor, node) == State.PRIMARY_STATE_UNCONFIGURED
-        for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
-            assert change_state(executor, node, transition), f'transition {transition}'
-        assert current_state(executor, node) == State.PRIMARY_STATE_ACTIVE
+        state = lifecycle.current_state()
+        assert state == State.PRIMARY_STATE_UNCONFIGURED, launched_node.output()
+        for transition, expected_state in (
+                (Transition.TRANSITION_CONFIGURE, State.PRIMARY_STATE_INACTIVE),
+                (Transition.TRANSITION_ACTIVATE, State.PRIMARY_STATE_ACTIVE)):
+            assert lifecycle.change_state(transition, expected_state), launched_node.output()
 
-        listed = run_cli('list', '--json')
+        listed = run_cli('list', '--json', timeout_s=TIMEOUT_S)
         assert listed.returncode == 0, listed.stderr
         answer = json.loads(listed.stdout)
         assert answer['capsules'] == []
@@ -150,7 +136,9 @@ def test_launch_style_node_serves_capsule_interfaces(ros_context, launched_node)
         assert answer['budget_bytes'] == PARAMETER_DEFAULTS['capsules']['budget_bytes']
 
         snapshot = node.create_client(Snapshot, '/capsule/snapshot')
-        response = call(executor, snapshot, Snapshot.Request(session_id='s0', label='briefing'))
+        assert snapshot.wait_for_service(timeout_sec=TIMEOUT_S)
+        response = wait(executor, snapshot.call_async(
+            Snapshot.Request(session_id='s0', label='briefing')), '/capsule/snapshot')
         assert not response.success
         assert response.error_code == Snapshot.Response.UNKNOWN_SESSION
 
@@ -170,40 +158,39 @@ def test_launch_style_node_serves_capsule_interfaces(ros_context, launched_node)
         assert wrapped.result.generated_tokens == len(wrapped.result.token_ids) >= 1
         generate.destroy()
 
-        assert change_state(executor, node, Transition.TRANSITION_DEACTIVATE)
-        assert current_state(executor, node) == State.PRIMARY_STATE_INACTIVE
+        assert lifecycle.change_state(
+            Transition.TRANSITION_DEACTIVATE, State.PRIMARY_STATE_INACTIVE)
         closed = run_cli('list', timeout_s=2.0)
         assert closed.returncode == 3, closed.stdout  # services are closed while inactive
-        assert change_state(executor, node, Transition.TRANSITION_CLEANUP)
-        assert current_state(executor, node) == State.PRIMARY_STATE_UNCONFIGURED
+        assert lifecycle.change_state(
+            Transition.TRANSITION_CLEANUP, State.PRIMARY_STATE_UNCONFIGURED)
     finally:
         executor.shutdown(timeout_sec=5.0)
         node.destroy_node()
 
 
-def test_autostarted_node_answers_cli_list():
+def test_autostarted_node_answers_cli_list(tmp_path):
     """Started bare (ros2 run / make demo), the node activates itself; the CLI lists nothing."""
-    process = start_policy_node()
+    process = NodeProcess(tmp_path / 'policy_node.log')
     try:
-        listed = run_cli('list')
-        assert listed.returncode == 0, listed.stderr
+        listed = run_cli('list', timeout_s=TIMEOUT_S)
+        assert listed.returncode == 0, listed.stderr + process.output()
         assert listed.stdout.startswith('0 capsule(s), 0 session(s)'), listed.stdout
     finally:
-        stop(process)
-        output = process.stdout.read()
-        process.stdout.close()
+        process.stop()
+    output = process.output()
     assert 'active: services and action open' in output, output
 
 
-def test_invalid_parameter_fails_configure_naming_it():
+def test_invalid_parameter_fails_configure_naming_it(tmp_path):
     """An out-of-range value fails configure; with autostart the process exits non-zero."""
-    process = start_policy_node('-p', 'engine.max_seq_len:=5', '-p', 'generation.top_p:=1')
+    process = NodeProcess(
+        tmp_path / 'policy_node.log', '-p', 'engine.max_seq_len:=5', '-p', 'generation.top_p:=1')
     try:
-        assert process.wait(timeout=TIMEOUT_S) == 1
+        assert process.process.wait(timeout=TIMEOUT_S) == 1, process.output()
     finally:
-        stop(process)
-        output = process.stdout.read()
-        process.stdout.close()
+        process.stop()
+    output = process.output()
     assert 'parameter engine.max_seq_len' in output, output
 
 
@@ -275,15 +262,21 @@ def test_params_file_matches_declared_parameters():
 
 @pytest.mark.skipif(
     shutil.which('ros2') is None, reason='ros2cli / launch_ros not installed (PyPI-only ROS)')
-def test_ros2_launch_starts_an_active_node():
+def test_ros2_launch_starts_an_active_node(tmp_path):
     """On a full ROS 2 install, 'ros2 launch' brings the node up active with autostart."""
-    process = subprocess.Popen(
-        ['ros2', 'launch', 'capsule_ros', 'policy.launch.py'], env=process_environment(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        listed = run_cli('list', '--json')
-        assert listed.returncode == 0, listed.stderr
-        assert json.loads(listed.stdout)['capsules'] == []
-    finally:
-        stop(process)
-        process.stdout.close()
+    log_path = tmp_path / 'ros2_launch.log'
+    with open(log_path, 'w') as log:
+        process = subprocess.Popen(
+            ['ros2', 'launch', 'capsule_ros', 'policy.launch.py'], env=process_environment(),
+            stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            listed = run_cli('list', '--json', timeout_s=TIMEOUT_S)
+            assert listed.returncode == 0, listed.stderr + log_path.read_text()
+            assert json.loads(listed.stdout)['capsules'] == []
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
