@@ -54,14 +54,14 @@ def median_ms(function, repeats=REPEATS):
     return statistics.median(times)
 
 
-def bench_engine(contexts, dtype):
+def bench_engine(contexts, dtype, quantization='auto'):
     """Measure this engine: prefill, decode, and every capsule verb."""
     from capsule_ros.runtime.config import PolicyConfig
     from capsule_ros.runtime.engine import PolicyEngine
 
     max_context = max(contexts)
     engine = PolicyEngine(PolicyConfig.from_dict({
-        'model': {'dtype': dtype},
+        'model': {'dtype': dtype, 'quantization': quantization},
         'engine': {'max_seq_len': min(max_context + 256, 8192), 'max_sessions': 10},
         'capsules': {'budget_bytes': 8 << 30}}))
     results = {}
@@ -242,14 +242,18 @@ def bench_llamacpp(contexts):
 def main():
     """Measure one peer and write its JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('peer', choices=['engine-bfloat16', 'engine-float32', 'transformers',
-                                         'llamacpp'])
+    parser.add_argument('peer', choices=['engine-bfloat16', 'engine-bfloat16-dense',
+                                         'engine-float32', 'transformers', 'llamacpp'])
     parser.add_argument('--contexts', type=int, nargs='+', default=[512, 2048, 8000])
     parser.add_argument('--out', required=True)
     arguments = parser.parse_args()
     torch.set_num_threads(2)
     if arguments.peer.startswith('engine-'):
-        results = bench_engine(arguments.contexts, arguments.peer.split('-', 1)[1])
+        # engine-bfloat16: the default (4-bit decode weights from the Q4_1 GGUF);
+        # engine-bfloat16-dense: the same with model.quantization none
+        dtype = arguments.peer.split('-')[1]
+        quantization = 'none' if arguments.peer.endswith('-dense') else 'auto'
+        results = bench_engine(arguments.contexts, dtype, quantization)
     elif arguments.peer == 'transformers':
         results = bench_transformers(arguments.contexts)
     else:

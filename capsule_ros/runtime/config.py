@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 
 from capsule_ros.runtime.errors import InvalidArgumentError
+from capsule_ros.runtime.quantization import QUANTIZATION_MODES
 
 DTYPES = ('float32', 'bfloat16')
 BACKEND_KINDS = ('torch',)
@@ -41,10 +42,15 @@ class ModelConfig:
     path: str = ''
     dtype: str = 'bfloat16'
     cache_dir: str = ''
+    # auto: decode streams 4-bit weights where they already are 4-bit (GGUF Q4_1), bf16 on
+    # CPU; int4: always (lossy for other weights); none: dense weights only
+    quantization: str = 'auto'
 
     def __post_init__(self):
         """Validate."""
         _require(self.dtype in DTYPES, 'model.dtype', f'{self.dtype!r} is not one of {DTYPES}')
+        _require(self.quantization in QUANTIZATION_MODES, 'model.quantization',
+                 f'{self.quantization!r} is not one of {QUANTIZATION_MODES}')
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,8 @@ class PolicyEngine:
             raise InvalidArgumentError(
                 f"parameter engine.max_seq_len: {max_seq_len} exceeds the model's "
                 f'{self.model_config.max_position_embeddings} positions')
-        self.model = LlamaModel(self.model_config, weights, self.dtype, self.device, max_seq_len)
+        self.model = LlamaModel(self.model_config, weights, self.dtype, self.device, max_seq_len,
+                                self.config.model.quantization)
         del weights
         self.tokenizer = loader.load_tokenizer(files.directory)
         self.chat = ChatFormatter(self.tokenizer)
@@ -177,12 +178,12 @@ class PolicyEngine:
         self.model_name = files.source
         self.last_latencies: dict[str, float] = {}
         report(f'model ready in {time.monotonic() - started:.1f} s '
-               f'(fingerprint {self.fingerprint})')
+               f'({self.model.weights_format}, fingerprint {self.fingerprint})')
 
     # -- identity ---------------------------------------------------------------------------
 
     def _fingerprint(self, weights_sha256: str) -> str:
-        parts = [weights_sha256, self.model_config.hf_config_json, str(self.dtype),
+        parts = [weights_sha256, self.model_config.hf_config_json, self.model.weights_format,
                  self.config.backend.kind, self.device.type, self.layout.layout_hash()]
         return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:32]
 

@@ -44,6 +44,17 @@ def real_engine(tmp_path_factory):
     return make_engine(tmp_path_factory.mktemp('real'))
 
 
+@pytest.fixture(scope='session', params=['float32', 'bfloat16'])
+def capsule_engine(request, tmp_path_factory, real_engine):
+    """Return the fp32 engine, then the node's default: bf16 with 4-bit decode weights."""
+    if request.param == 'float32':
+        return real_engine
+    engine = make_engine(tmp_path_factory.mktemp('real-bf16'), dtype='bfloat16')
+    # the bundled GGUF is Q4_1: every layer linear lies on a 4-bit grid, found again exactly
+    assert engine.model.int4_linears == 4 * engine.model_config.num_layers
+    return engine
+
+
 @pytest.fixture(scope='session')
 def reference_model():
     """Load transformers' LlamaForCausalLM on the same dequantized weights (fp32)."""

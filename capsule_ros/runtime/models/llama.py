@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import json
 
 from capsule_ros.runtime.errors import InvalidArgumentError
+from capsule_ros.runtime.quantization import int4_linear, int4_supported, Int4Weight
+from capsule_ros.runtime.quantization import quantize_int4
 from capsule_ros.runtime.state import BufferSpec, StateKind
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -120,23 +122,35 @@ def rope_tables(config: LlamaConfig, max_seq_len: int) -> tuple[torch.Tensor, to
     return angles.cos() * attention_scaling, angles.sin() * attention_scaling
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class LlamaModel:
     """Weights plus a forward pass that reads and writes one slot's KV buffer in place."""
 
     family = 'llama'
 
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor],
-                 dtype: torch.dtype, device: torch.device, max_seq_len: int):
-        """Take Hugging Face-named weights, fuse q/k/v and gate/up, move to dtype and device."""
+                 dtype: torch.dtype, device: torch.device, max_seq_len: int,
+                 quantization: str = 'none'):
+        """
+        Take Hugging Face-named weights, fuse q/k/v and gate/up, move to dtype and device.
+
+        ``quantization``: ``none``; ``int4`` streams every layer linear as 4-bit groups in
+        decode; ``auto`` does so in bf16 on CPU for the weights already on a 4-bit grid
+        (GGUF Q4_1), where it loses nothing (see capsule_ros.runtime.quantization).
+        """
         self.config = config
         self.dtype = dtype
         self.device = device
         self.max_seq_len = max_seq_len
+        if quantization == 'auto' and (dtype != torch.bfloat16 or device.type != 'cpu'):
+            quantization = 'none'
+        if quantization == 'int4' and device.type != 'cpu':
+            raise InvalidArgumentError(
+                'parameter model.quantization: int4 runs on CPU only; use auto or none on '
+                f'{device.type}')
+        self.quantization = quantization
+
+        def source(name):  # [N, K] fp32 on the device
+            return weights[name].to(device=device, dtype=torch.float32)
 
         def take(name):
             return weights[name].to(device=device, dtype=dtype).contiguous()
@@ -153,24 +167,27 @@ class LlamaModel:
         else:
             self.lm_head = take('lm_head.weight')  # [V, D]
         self.layers = []
+        self.int4_linears = 0
         for index in range(config.num_layers):
             prefix = f'model.layers.{index}.'
             attention = prefix + 'self_attn.'
             mlp = prefix + 'mlp.'
+            linears = {
+                # [(H + 2 * Hkv) * hd, D]: one matmul for q, k and v
+                'qkv': torch.cat([source(attention + f'{p}_proj.weight') for p in 'qkv']),
+                'o': source(attention + 'o_proj.weight'),  # [D, H * hd]
+                # [2 * I, D]: one matmul for gate and up
+                'gate_up': torch.cat([source(mlp + 'gate_proj.weight'),
+                                      source(mlp + 'up_proj.weight')]),
+                'down': source(mlp + 'down_proj.weight'),  # [D, I]
+            }
             layer = {
                 'input_norm': take(prefix + 'input_layernorm.weight'),
                 'post_attention_norm': take(prefix + 'post_attention_layernorm.weight'),
-                # [(H + 2 * Hkv) * hd, D]: one matmul for q, k and v
-                'qkv': torch.cat([take(attention + f'{p}_proj.weight') for p in 'qkv']),
-                'o': take(attention + 'o_proj.weight'),  # [D, H * hd]
-                # [2 * I, D]: one matmul for gate and up
-                'gate_up': torch.cat([take(mlp + 'gate_proj.weight'),
-                                      take(mlp + 'up_proj.weight')]),
-                'down': take(mlp + 'down_proj.weight'),  # [D, I]
                 'qkv_bias': None, 'qk_norm': None,
             }
-            for name in ('qkv', 'o', 'gate_up', 'down'):
-                layer[name] = self._prepare_linear(layer[name])
+            for name, weight in linears.items():
+                layer[name], layer[name + '_int4'] = self._prepare_linear(weight)
             if config.attention_bias:
                 layer['qkv_bias'] = torch.cat(
                     [take(attention + f'{p}_proj.bias') for p in 'qkv'])
@@ -180,22 +197,46 @@ class LlamaModel:
                     take(attention + 'q_norm.weight').expand(config.num_heads, -1),
                     take(attention + 'k_norm.weight').expand(config.num_kv_heads, -1)])[:, None]
             self.layers.append(layer)
-        self.lm_head_linear = self._prepare_linear(self.lm_head)
+        # The output head (tied to the embeddings in SmolLM2, Q8_0 in its GGUF) stays dense.
+        self.lm_head_linear = self._pack(self.lm_head)
         cos, sin = rope_tables(config, max_seq_len)
+        half = config.head_dim // 2
         self.rope_cos = cos.to(device=device, dtype=dtype)  # [T, hd]
-        self.rope_sin = sin.to(device=device, dtype=dtype)  # [T, hd]
+        # rotate_half(x) * sin == roll(x, hd / 2) * [-sin_1, sin_2]: one op instead of four
+        self.rope_sin_signed = torch.cat(
+            (-sin[:, :half], sin[:, half:]), dim=-1).to(device=device, dtype=dtype)  # [T, hd]
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.group_size = config.num_heads // config.num_kv_heads
         self.qk_heads = config.num_heads + config.num_kv_heads
 
-    def _prepare_linear(self, weight: torch.Tensor) -> torch.Tensor:
+    @property
+    def weights_format(self) -> str:
+        """Describe how the linears are stored (part of the fingerprint)."""
+        total = 4 * self.config.num_layers
+        return f'{self.dtype} quantization={self.quantization} int4={self.int4_linears}/{total}'
+
+    def _prepare_linear(self, weight: torch.Tensor) -> tuple[torch.Tensor, Int4Weight | None]:
+        """Return the dense (prefill) weight and, when quantized, the int4 (decode) one."""
+        if self.quantization != 'none' and int4_supported(weight, self.device):
+            quantized = quantize_int4(weight, self.dtype)
+            if self.quantization == 'int4' or quantized.on_grid:
+                self.int4_linears += 1
+                # prefill multiplies the same weights as decode: the int4 grid's expansion
+                return self._pack(quantized.dequantized.to(self.dtype)), quantized
+        return self._pack(weight.to(self.dtype).contiguous()), None
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
         if self.packed_linears:
             return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         return weight
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None,
+                weight_int4: Int4Weight | None = None) -> torch.Tensor:
+        if weight_int4 is not None and x.shape[0] == 1:  # one token: stream 4-bit weights
+            out = int4_linear(x, weight_int4)
+            return out if bias is None else out + bias
         if self.packed_linears:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [None], '')
         return F.linear(x, weight, bias)
@@ -208,10 +249,9 @@ class LlamaModel:
         return [BufferSpec('kv', StateKind.KV, kv_shape, self.dtype, seq_axis=3)]
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as transformers' LlamaRMSNorm: statistics in fp32, scale in dtype.
-        x32 = x.float()
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        return weight * (x32 * torch.rsqrt(variance + self.config.rms_norm_eps)).to(x.dtype)
+        # Same arithmetic as transformers' LlamaRMSNorm (statistics in fp32, then the scale
+        # in dtype), bit for bit, in one fused kernel plus the scale.
+        return weight * F.rms_norm(x, (x.shape[-1],), eps=self.config.rms_norm_eps)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, start_pos: int, kv: torch.Tensor,
@@ -228,7 +268,7 @@ class LlamaModel:
         head_dim = config.head_dim
         x = self.embed_tokens[token_ids]  # [S, D]
         cos = self.rope_cos[start_pos:end_pos][None]  # [1, S, hd]
-        sin = self.rope_sin[start_pos:end_pos][None]  # [1, S, hd]
+        sin_signed = self.rope_sin_signed[start_pos:end_pos][None]  # [1, S, hd]
         attn_mask = None
         is_causal = False
         if num_tokens > 1:
@@ -241,7 +281,8 @@ class LlamaModel:
                 attn_mask = key_positions[None, :] <= query_positions[:, None]
         for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer['input_norm'])
-            qkv = self._linear(h, layer['qkv'], layer['qkv_bias'])  # [S, (H + 2 Hkv) hd]
+            # [S, (H + 2 Hkv) hd]
+            qkv = self._linear(h, layer['qkv'], layer['qkv_bias'], layer['qkv_int4'])
             # q and k are neighbours in qkv: normalize and rotate them as one tensor
             qk = qkv[:, :self.q_size + self.kv_size].view(
                 num_tokens, self.qk_heads, head_dim).transpose(0, 1)  # [H + Hkv, S, hd]
@@ -249,7 +290,7 @@ class LlamaModel:
                 num_tokens, config.num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, S, hd]
             if layer['qk_norm'] is not None:
                 qk = self._rms_norm(qk, layer['qk_norm'])
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin_signed
             q, k = qk.split((config.num_heads, config.num_kv_heads))  # [H | Hkv, S, hd]
             kv[index, 0, :, start_pos:end_pos] = k
             kv[index, 1, :, start_pos:end_pos] = v
@@ -257,19 +298,22 @@ class LlamaModel:
             values = kv[index, 1, :, :end_pos]  # [Hkv, end, hd]
             if num_tokens == 1:
                 # decode: the g query heads sharing a KV head act as g queries of one batch
-                # entry, which is faster than broadcasting KV to all heads
-                grouped = q.reshape(config.num_kv_heads, self.group_size, head_dim)
-                attention = F.scaled_dot_product_attention(grouped, keys, values)
+                # entry, which is faster than broadcasting KV to all heads; 4-D inputs take
+                # the fused (flash) CPU kernel, 3-D ones the slower composite path
+                grouped = q.reshape(1, config.num_kv_heads, self.group_size, head_dim)
+                attention = F.scaled_dot_product_attention(grouped, keys[None], values[None])
                 attention = attention.reshape(1, self.q_size)  # [1, H * hd]
             else:
                 attention = F.scaled_dot_product_attention(
                     q[None], keys[None], values[None], attn_mask=attn_mask,
                     is_causal=is_causal, enable_gqa=True)  # [1, H, S, hd]
                 attention = attention[0].transpose(0, 1).reshape(num_tokens, self.q_size)
-            x = x + self._linear(attention, layer['o'])
+            x = x + self._linear(attention, layer['o'], weight_int4=layer['o_int4'])
             h = self._rms_norm(x, layer['post_attention_norm'])
-            gate, up = self._linear(h, layer['gate_up']).chunk(2, dim=-1)  # [S, I] each
-            x = x + self._linear(F.silu(gate) * up, layer['down'])
+            gate, up = self._linear(
+                h, layer['gate_up'], weight_int4=layer['gate_up_int4']).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, layer['down'],
+                                 weight_int4=layer['down_int4'])  # gate, up: [S, I]
         if not all_logits:
             x = x[-1:]
         x = self._rms_norm(x, self.final_norm)
