@@ -143,7 +143,7 @@ def tables(results, contexts):
 
 
 def plot(results, contexts, path):
-    """PNG: TTFT cold vs restored per peer, and capsule verb latencies, per context."""
+    """PNG: decode speed, TTFT cold vs restored, and capsule verb latencies, per context."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -151,15 +151,22 @@ def plot(results, contexts, path):
     def series(peer, key):
         return [(results.get(peer) or {}).get(str(context), {}).get(key) for context in contexts]
 
-    def draw(axis, lines, title):
+    def draw(axis, lines, title, ylabel='ms'):
         for peer, key, label, style in lines:
             values = series(peer, key)
             if any(value is not None for value in values):
                 axis.plot(contexts, values, style, label=label)
-        axis.set(xscale='log', yscale='log', xlabel='context tokens', ylabel='ms', title=title)
+        axis.set(xscale='log', yscale='log', xlabel='context tokens', ylabel=ylabel, title=title)
         axis.legend(fontsize=8)
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    figure, (speed, left, right) = plt.subplots(1, 3, figsize=(19, 5))
+    draw(speed, [
+            ('engine-bfloat16', 'decode_tok_s', 'engine bf16 + 4-bit decode weights', 'o-'),
+            ('engine-bfloat16-dense', 'decode_tok_s', 'engine bf16 dense', 'o--'),
+            ('engine-float32', 'decode_tok_s', 'engine fp32', 'o:'),
+            ('llamacpp', 'decode_tok_s', 'llama.cpp (Q4_1)', 's-'),
+            ('transformers', 'decode_tok_s', 'transformers fp32', '^-')],
+         'Decode speed (higher is better)', ylabel='tokens/s')
     draw(left, [
             ('engine-bfloat16', 'cold_ttft_ms', 'engine cold prefill', 'o--'),
             ('llamacpp', 'cold_ttft_ms', 'llama.cpp cold prefill', 's--'),
@@ -190,13 +197,19 @@ def main():
     parser.add_argument('--out', default=str(HERE / 'results'))
     parser.add_argument('--skip-service-latency', action='store_true',
                         help='leave out the DDS service-latency probe (needs ROS 2)')
+    parser.add_argument('--report-only', action='store_true',
+                        help='measure nothing: rewrite the tables and plot from results.json')
     arguments = parser.parse_args()
     output_dir = Path(arguments.out)
     output_dir.mkdir(parents=True, exist_ok=True)
-    results = {peer: run_peer(peer, arguments.contexts, output_dir) for peer in arguments.peers}
-    if not arguments.skip_service_latency:
-        results['service_latency'] = run_service_latency(output_dir)
-    (output_dir / 'results.json').write_text(json.dumps(results, indent=1))
+    if arguments.report_only:
+        results = json.loads((output_dir / 'results.json').read_text())
+    else:
+        results = {peer: run_peer(peer, arguments.contexts, output_dir)
+                   for peer in arguments.peers}
+        if not arguments.skip_service_latency:
+            results['service_latency'] = run_service_latency(output_dir)
+        (output_dir / 'results.json').write_text(json.dumps(results, indent=1))
     text = tables(results, arguments.contexts)
     (output_dir / 'summary.md').write_text(text)
     plot(results, arguments.contexts, output_dir / 'summary.png')
