@@ -61,6 +61,11 @@ def run_service_latency(output_dir):
     return json.loads(out.read_text())
 
 
+def ratio(numerator, denominator):
+    """Format numerator / denominator as '1.23x', or a dash."""
+    return f'{numerator / denominator:.2f}x' if numerator and denominator else '-'
+
+
 def cell(value, digits=1):
     """Format a number or a dash."""
     return '-' if value is None else f'{value:.{digits}f}'
@@ -83,16 +88,15 @@ def tables(results, contexts):
     lines += ['', '| context | engine-bfloat16 / llama.cpp prefill | engine-bfloat16 / llama.cpp '
               'decode |', '|---|---|---|']
     for context in contexts:
-        ratios = []
-        for key in ('prefill_tok_s', 'decode_tok_s'):
-            ours, theirs = get(engine, context, key), get('llamacpp', context, key)
-            ratios.append(f'{ours / theirs:.2f}x' if ours and theirs else '-')
+        ratios = [ratio(get(engine, context, key), get('llamacpp', context, key))
+                  for key in ('prefill_tok_s', 'decode_tok_s')]
         lines.append(f'| {context} | {ratios[0]} | {ratios[1]} |')
     lines += ['', '## Capsule verbs (ms, lower is better)', '',
               '| context | snapshot (engine) | deepcopy cache (transformers) | save_state '
               '(llama.cpp) | rollback in place (engine) | restore into other session (engine)'
-              ' | raw copy of same bytes | load_state (llama.cpp) |',
-              '|---|---|---|---|---|---|---|---|']
+              ' | raw copy of same bytes, same conditions | restore / raw copy | raw copy '
+              'back to back (warm cache) | load_state (llama.cpp) |',
+              '|---|---|---|---|---|---|---|---|---|---|']
     for context in contexts:
         lines.append(
             f'| {context} | {cell(get(engine, context, "snapshot_ms"), 3)} | '
@@ -101,6 +105,8 @@ def tables(results, contexts):
             f'{cell(get(engine, context, "rollback_ms"), 3)} | '
             f'{cell(get(engine, context, "restore_other_ms"), 2)} | '
             f'{cell(get(engine, context, "raw_copy_ms"), 2)} | '
+            f'{ratio(get(engine, context, "restore_other_ms"), get(engine, context, "raw_copy_ms"))}'
+            f' | {cell(get(engine, context, "raw_copy_warm_ms"), 2)} | '
             f'{cell(get("llamacpp", context, "restore_other_ms"))} |')
     lines += ['', '## Time to first token (ms, lower is better)', '',
               '| context | cold prefill (engine) | cold prefill (llama.cpp) | cold prefill '
