@@ -98,15 +98,15 @@ def tables(results, contexts):
               'back to back (warm cache) | load_state (llama.cpp) |',
               '|---|---|---|---|---|---|---|---|---|---|']
     for context in contexts:
+        restore_ms = get(engine, context, 'restore_other_ms')
+        raw_copy_ms = get(engine, context, 'raw_copy_ms')
         lines.append(
             f'| {context} | {cell(get(engine, context, "snapshot_ms"), 3)} | '
             f'{cell(get("transformers", context, "snapshot_ms"))} | '
             f'{cell(get("llamacpp", context, "snapshot_ms"))} | '
             f'{cell(get(engine, context, "rollback_ms"), 3)} | '
-            f'{cell(get(engine, context, "restore_other_ms"), 2)} | '
-            f'{cell(get(engine, context, "raw_copy_ms"), 2)} | '
-            f'{ratio(get(engine, context, "restore_other_ms"), get(engine, context, "raw_copy_ms"))}'
-            f' | {cell(get(engine, context, "raw_copy_warm_ms"), 2)} | '
+            f'{cell(restore_ms, 2)} | {cell(raw_copy_ms, 2)} | {ratio(restore_ms, raw_copy_ms)} | '
+            f'{cell(get(engine, context, "raw_copy_warm_ms"), 2)} | '
             f'{cell(get("llamacpp", context, "restore_other_ms"))} |')
     lines += ['', '## Time to first token (ms, lower is better)', '',
               '| context | cold prefill (engine) | cold prefill (llama.cpp) | cold prefill '
