@@ -95,12 +95,14 @@ class CapsuleClient:
             f'{client_name}_{uuid.uuid4().hex[:8]}', context=context)
         self._executor = SingleThreadedExecutor(context=context)
         self._executor.add_node(self._node)
-        # Every endpoint now, so that discovery announces them together (see connect()).
-        self._clients = {
-            service: self._node.create_client(service_type, f'{self.node_name}/{service}')
-            for service, service_type in SERVICE_TYPES.items()}
+        # Every endpoint now, so that discovery announces them together, and ``list`` last:
+        # its first answer (see connect()) then follows the discovery of all the others.
         self._generate_client = ActionClient(
             self._node, Generate, f'{self.node_name}/generate')
+        self._clients = {
+            service: self._node.create_client(service_type, f'{self.node_name}/{service}')
+            for service, service_type in sorted(
+                SERVICE_TYPES.items(), key=lambda item: item[0] == 'list')}
         self._ready = set()
         self._connected = False
 
@@ -156,20 +158,26 @@ class CapsuleClient:
         client = self._clients['list']
         deadline = time.monotonic() + self.timeout_s
         attempt_s = FIRST_ATTEMPT_S
-        while True:
-            future = client.call_async(ListCapsules.Request())
-            remaining_s = deadline - time.monotonic()
-            self._executor.spin_until_future_complete(
-                future, timeout_sec=max(0.0, min(attempt_s, remaining_s)))
-            if future.done():
-                self._connected = True
-                return
-            client.remove_pending_request(future)
-            if time.monotonic() >= deadline:
-                raise NoAnswerError(
-                    f'no answer from {self.node_name}/list within {self.timeout_s} s (the '
-                    f'service is there but did not answer: is the node busy or overloaded?)')
-            attempt_s = min(2 * attempt_s, LONGEST_ATTEMPT_S)
+        attempts = []  # every attempt stays open: a slow answer to an early one counts too
+        try:
+            while not any(future.done() for future in attempts):
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    raise NoAnswerError(
+                        f'no answer from {self.node_name}/list within {self.timeout_s} s (the '
+                        f'service is there but did not answer: is the node busy or '
+                        f'overloaded?)')
+                attempts.append(client.call_async(ListCapsules.Request()))
+                attempt_deadline = time.monotonic() + min(attempt_s, remaining_s)
+                while (time.monotonic() < attempt_deadline
+                       and not any(future.done() for future in attempts)):
+                    self._executor.spin_once(timeout_sec=SPIN_STEP_S)
+                attempt_s = min(2 * attempt_s, LONGEST_ATTEMPT_S)
+            self._connected = True
+        finally:
+            for future in attempts:
+                if not future.done():
+                    client.remove_pending_request(future)
 
     def call(self, service, request=None, **fields):
         """Call ``service`` (e.g. ``'snapshot'``) with a request or request fields."""

@@ -23,7 +23,8 @@ token, and their bf16 expansion for many (the same weights, up to bf16 rounding)
 GGUF Q4_1 (the bundled model's format) stores exactly this grid: blocks of 32 with a scale and
 a minimum. Its dequantized weights are found again exactly by a min/max quantization of each
 group, so ``quantization: auto`` uses int4 only where a weight already lies on such a grid
-(lossless, checked per weight) and ``int4`` forces it (round-to-nearest, lossy).
+(checked per weight; nothing is lost beyond the bf16 rounding of each group's scale and zero,
+as the dense bf16 path rounds every weight) and ``int4`` forces it (round-to-nearest, lossy).
 """
 
 from dataclasses import dataclass
@@ -39,22 +40,35 @@ QUANTIZATION_MODES = ('auto', 'int4', 'none')
 
 @dataclass(frozen=True)
 class Int4Weight:
-    """A linear weight ``[N, K]`` as torch's CPU int4 layout plus its dense expansion."""
+    """A linear weight ``[N, K]`` in torch's CPU int4 layout: what decode streams."""
 
     packed: torch.Tensor  # [N, K / 2] uint8, torch's CPU int4 packing
     scales_and_zeros: torch.Tensor  # [K / G, N, 2] in the activation dtype
+
+
+@dataclass(frozen=True)
+class Int4Quantization:
+    """The result of quantizing one weight: the int4 weight, its expansion, the grid check."""
+
+    weight: Int4Weight
     dequantized: torch.Tensor  # [N, K] fp32: (q - 8) * scale + zero, what the kernel computes
-    on_grid: bool  # the source weight was already exactly on this grid
+    on_grid: bool  # the source weight was already exactly on this grid (fp32 scales)
 
 
 def int4_supported(weight: torch.Tensor, device: torch.device) -> bool:
     """Return whether ``weight`` ([N, K]) can use the CPU int4 kernel."""
     return (device.type == 'cpu' and weight.dim() == 2 and weight.shape[1] % GROUP_SIZE == 0
+            and weight.shape[0] % 16 == 0  # the packing works on tiles of 16 rows
             and hasattr(torch.ops.aten, '_weight_int4pack_mm_for_cpu'))
 
 
-def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
-    """Quantize ``weight`` [N, K] by min/max per group of 32 along K."""
+def quantize_int4(weight: torch.Tensor, dtype: torch.dtype,
+                  only_on_grid: bool = False) -> Int4Quantization | None:
+    """
+    Quantize ``weight`` [N, K] by min/max per group of 32 along K.
+
+    With ``only_on_grid``, return None (and pack nothing) when the weight is not on a grid.
+    """
     rows, columns = weight.shape
     groups = weight.float().reshape(rows, columns // GROUP_SIZE, GROUP_SIZE)  # [N, K/G, G]
     minimum = groups.amin(dim=-1, keepdim=True)  # [N, K/G, 1]
@@ -63,6 +77,8 @@ def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
     steps = (groups - minimum) / safe_scale  # [N, K/G, G], in [0, 15]
     q = steps.round().clamp(0, LEVELS)
     on_grid = bool((steps - q).abs().max() <= ON_GRID_TOLERANCE)
+    if only_on_grid and not on_grid:
+        return None
     # torch's layout centres q: w = (q - 8) * scale + zero, so zero = minimum + 8 * scale
     scale = scale.to(dtype)
     zero = (minimum + 8 * scale.float()).to(dtype)
@@ -70,9 +86,10 @@ def quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
         q.reshape(rows, columns).to(torch.int32), 1)
     scales_and_zeros = torch.stack([scale[..., 0], zero[..., 0]], dim=-1)  # [N, K/G, 2]
-    return Int4Weight(packed=packed,
-                      scales_and_zeros=scales_and_zeros.transpose(0, 1).contiguous(),
-                      dequantized=dequantized.reshape(rows, columns), on_grid=on_grid)
+    return Int4Quantization(
+        weight=Int4Weight(packed=packed,
+                          scales_and_zeros=scales_and_zeros.transpose(0, 1).contiguous()),
+        dequantized=dequantized.reshape(rows, columns), on_grid=on_grid)
 
 
 def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:

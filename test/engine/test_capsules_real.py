@@ -41,13 +41,15 @@ def assert_greedy_under_teacher_forcing(engine, session, tokens):
 
     bf16 logits near 20 are spaced 0.125 apart, so equal maxima are common and a cold prefill
     (other chunk boundaries, so other roundings) may break a tie the other way: each token
-    must hold the maximum logit to within one bf16 step of it.
+    must hold the maximum logit to within two bf16 steps of it (a wrong weight or a wrong
+    position moves logits by whole units).
     """
     for index, token in enumerate(tokens):
         logits = engine.session_logits(session).float()
         best = float(logits.max())
         bf16_step = 2.0 ** (math.floor(math.log2(abs(best))) - 7)
-        assert best - float(logits[token]) <= bf16_step, (index, token, int(logits.argmax()))
+        assert best - float(logits[token]) <= 2 * bf16_step, (
+            index, token, int(logits.argmax()))
         engine.append(session, tokens=[token])
 
 

@@ -135,7 +135,8 @@ class LlamaModel:
 
         ``quantization``: ``none``; ``int4`` streams every layer linear as 4-bit groups in
         decode; ``auto`` does so in bf16 on CPU for the weights already on a 4-bit grid
-        (GGUF Q4_1), where it loses nothing (see capsule_ros.runtime.quantization).
+        (GGUF Q4_1), where it loses nothing beyond bf16 rounding of each group's scale and
+        zero (see capsule_ros.runtime.quantization).
         """
         self.config = config
         self.dtype = dtype
@@ -212,18 +213,18 @@ class LlamaModel:
 
     @property
     def weights_format(self) -> str:
-        """Describe how the linears are stored (part of the fingerprint)."""
-        total = 4 * self.config.num_layers
-        return f'{self.dtype} quantization={self.quantization} int4={self.int4_linears}/{total}'
+        """Describe the weights decode runs on (part of the fingerprint); not the mode asked."""
+        return f'{self.dtype} int4={self.int4_linears}/{4 * self.config.num_layers}'
 
     def _prepare_linear(self, weight: torch.Tensor) -> tuple[torch.Tensor, Int4Weight | None]:
         """Return the dense (prefill) weight and, when quantized, the int4 (decode) one."""
         if self.quantization != 'none' and int4_supported(weight, self.device):
-            quantized = quantize_int4(weight, self.dtype)
-            if self.quantization == 'int4' or quantized.on_grid:
+            quantized = quantize_int4(weight, self.dtype,
+                                      only_on_grid=self.quantization == 'auto')
+            if quantized is not None:
                 self.int4_linears += 1
                 # prefill multiplies the same weights as decode: the int4 grid's expansion
-                return self._pack(quantized.dequantized.to(self.dtype)), quantized
+                return self._pack(quantized.dequantized.to(self.dtype)), quantized.weight
         return self._pack(weight.to(self.dtype).contiguous()), None
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
