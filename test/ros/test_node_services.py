@@ -372,9 +372,11 @@ def test_generate_cancel_stops_within_a_token(client):
     assert status == GoalStatus.STATUS_CANCELED
     ok(result)
     assert result.stop_reason == Generate.Result.STOP_CANCELED
-    # The cancel is checked before every token: at most the token in flight when the cancel
-    # arrived, plus one more whose feedback had not reached the client yet, follow.
-    assert 3 <= result.generated_tokens <= 3 + 2, result.generated_tokens
+    # The node checks the cancel before every token (exactly: test_cancel_stops_before_the_
+    # next_token_at_a_clean_boundary); here the tokens decoded while the cancel crosses DDS
+    # follow too: about 20 ms each, so the bound allows ~1 s of transport on a busy machine.
+    assert 3 <= result.generated_tokens < 3 + 50, result.generated_tokens
+    assert len(result.token_ids) == result.generated_tokens
     after = ok(client.snapshot(session_id)).capsule
     more = ok(generate(client, session_id=session_id, max_new_tokens=2))
     assert more.generated_tokens >= 1

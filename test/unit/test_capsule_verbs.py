@@ -13,8 +13,11 @@
 # limitations under the License.
 """Capsule verbs on a small model: exactness, copy-on-write, budget, errors, persistence."""
 
+import threading
+
 from capsule_ros.runtime.capsule import EventKind, Tier
 from capsule_ros.runtime.config import SamplingConfig
+from capsule_ros.runtime.engine import StopReason
 from capsule_ros.runtime.errors import (BudgetExceededError, CorruptCapsuleError,
                                         FingerprintMismatchError, InvalidArgumentError,
                                         SessionBusyError, UnknownCapsuleError,
@@ -294,3 +297,26 @@ def test_session_slots_are_a_budget(tiny_engine):
         engine.branch('full', 1)
     engine.close_session(sessions[1])
     assert len(engine.branch('full', 1)) == 1
+
+
+def test_cancel_stops_before_the_next_token_at_a_clean_boundary(tiny_engine):
+    """A cancel set while token k streams ends the generation with exactly k tokens."""
+    engine = tiny_engine
+    session = engine.create_session()
+    engine.append(session, 'Count slowly.')
+    cancel = threading.Event()
+    streamed = []
+
+    def on_token(token_id, text_delta):
+        streamed.append(token_id)
+        if len(streamed) == 3:
+            cancel.set()
+
+    result = engine.generate(session, 100, on_token=on_token, cancel=cancel)
+    assert result.stop_reason is StopReason.CANCELED
+    assert list(result.token_ids) == streamed and len(streamed) == 3
+    # the session holds exactly those tokens and continues like a session that never stopped
+    journal = engine.session_tokens(session)
+    assert journal[-3:] == streamed
+    engine.snapshot(session, 'after-cancel')
+    assert engine.generate(session, 2, reply=False).token_ids
