@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -46,7 +45,7 @@ def main():
     arguments = parser.parse_args()
     from ament_index_python.packages import get_package_prefix
     from capsule_ros.action import Generate
-    from capsule_ros.ros.client import CapsuleClient, NoAnswerError
+    from capsule_ros.ros.client import CapsuleClient
     from capsule_ros.ros.load_probe import run_load
     from capsule_ros.srv import Append
     import rclpy
@@ -65,14 +64,7 @@ def main():
     client = CapsuleClient(timeout_s=30.0)
     try:
         log('waiting for the node ...')
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                if client.list_capsules().success:
-                    break
-            except NoAnswerError:
-                pass
-            time.sleep(0.5)
+        client.wait_until_active(STARTUP_TIMEOUT_S)
         busy = client.append('Count from 1 to 1000, one number per line.').session_id
         client.generate(Generate.Goal(session_id=busy, max_new_tokens=1))
         client.append(''.join(f'\n{number}' for number in range(2, 40)) + '\n',

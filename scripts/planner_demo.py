@@ -32,7 +32,6 @@ transport is not counted on either side.
 """
 
 import sys
-import time
 
 from capsule_ros.action import Generate
 from capsule_ros.ros.cli import capsule_to_dict
@@ -119,16 +118,11 @@ def check(response, what):
 
 
 def wait_until_active(client):
-    """Poll the list service until the node answers (model load may take a while)."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if client.list_capsules().success:
-                return
-        except NoAnswerError:
-            pass
-        time.sleep(0.5)
-    sys.exit(f'planner_demo: the node did not come up within {STARTUP_TIMEOUT_S} s')
+    """Wait until the node answers (model load may take a while); exit if it never does."""
+    try:
+        client.wait_until_active(STARTUP_TIMEOUT_S)
+    except NoAnswerError:
+        sys.exit(f'planner_demo: the node did not come up within {STARTUP_TIMEOUT_S} s')
 
 
 def plan(client, session_id, observation, label=''):

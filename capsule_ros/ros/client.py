@@ -83,6 +83,38 @@ class NoAnswerError(RuntimeError):
     """The node did not answer (or did not appear) within the timeout."""
 
 
+def first_answer(executor, client, make_request, timeout_s, what):
+    """
+    Repeat a read-only call until one answer arrives; return it (see the module docstring).
+
+    Attempts wait 0.5, 1, 2, 4, 4, ... s; every attempt stays open, so a slow answer to an
+    early one counts too. Only for requests that may safely be sent more than once.
+    """
+    deadline = time.monotonic() + timeout_s
+    attempt_s = FIRST_ATTEMPT_S
+    attempts = []
+    try:
+        while True:
+            answered = [future for future in attempts if future.done()]
+            if answered:
+                return answered[0].result()
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise NoAnswerError(
+                    f'no answer from {what} within {timeout_s} s (the service is there but '
+                    f'did not answer: is the node busy or overloaded?)')
+            attempts.append(client.call_async(make_request()))
+            attempt_deadline = time.monotonic() + min(attempt_s, remaining_s)
+            while (time.monotonic() < attempt_deadline
+                   and not any(future.done() for future in attempts)):
+                executor.spin_once(timeout_sec=SPIN_STEP_S)
+            attempt_s = min(2 * attempt_s, LONGEST_ATTEMPT_S)
+    finally:
+        for future in attempts:
+            if not future.done():
+                client.remove_pending_request(future)
+
+
 class CapsuleClient:
     """Calls the services and the generate action of one policy node, synchronously."""
 
@@ -155,29 +187,29 @@ class CapsuleClient:
         if self._connected:
             return
         self._wait_for_service('list')
-        client = self._clients['list']
-        deadline = time.monotonic() + self.timeout_s
-        attempt_s = FIRST_ATTEMPT_S
-        attempts = []  # every attempt stays open: a slow answer to an early one counts too
-        try:
-            while not any(future.done() for future in attempts):
-                remaining_s = deadline - time.monotonic()
-                if remaining_s <= 0:
-                    raise NoAnswerError(
-                        f'no answer from {self.node_name}/list within {self.timeout_s} s (the '
-                        f'service is there but did not answer: is the node busy or '
-                        f'overloaded?)')
-                attempts.append(client.call_async(ListCapsules.Request()))
-                attempt_deadline = time.monotonic() + min(attempt_s, remaining_s)
-                while (time.monotonic() < attempt_deadline
-                       and not any(future.done() for future in attempts)):
-                    self._executor.spin_once(timeout_sec=SPIN_STEP_S)
-                attempt_s = min(2 * attempt_s, LONGEST_ATTEMPT_S)
-            self._connected = True
-        finally:
-            for future in attempts:
-                if not future.done():
-                    client.remove_pending_request(future)
+        first_answer(self._executor, self._clients['list'], ListCapsules.Request,
+                     self.timeout_s, f'{self.node_name}/list')
+        self._connected = True
+
+    def wait_until_active(self, timeout_s, is_alive=None):
+        """
+        Poll ``list`` until the node answers with success (its model may still be loading).
+
+        Returns that response. Raises ``NoAnswerError`` after ``timeout_s``, or as soon as
+        ``is_alive()`` (e.g. "the node process still runs") returns False.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if is_alive is not None and not is_alive():
+                break
+            try:
+                response = self.list_capsules()
+            except NoAnswerError:
+                continue
+            if response.success:
+                return response
+            time.sleep(0.5)
+        raise NoAnswerError(f'{self.node_name} did not become active within {timeout_s} s')
 
     def call(self, service, request=None, **fields):
         """Call ``service`` (e.g. ``'snapshot'``) with a request or request fields."""

@@ -23,7 +23,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 from ament_index_python.packages import get_package_prefix
 from capsule_ros.ros.client import NoAnswerError
@@ -84,21 +83,13 @@ class NodeProcess:
         return self.log_path.read_text()
 
     def wait_until_active(self, client):
-        """Poll the list service until the node answers; fail if the process dies."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f'policy_node exited with {self.process.returncode}:\n{self.output()}')
-            try:
-                response = client.list_capsules()
-            except NoAnswerError:
-                continue
-            if response.success:
-                return response
-            time.sleep(0.5)
-        raise AssertionError(f'policy_node not active within {STARTUP_TIMEOUT_S} s:\n'
-                             f'{self.output()}')
+        """Wait until the node answers ``list``; fail with its log if it dies or never does."""
+        try:
+            return client.wait_until_active(
+                STARTUP_TIMEOUT_S, is_alive=lambda: self.process.poll() is None)
+        except NoAnswerError as error:
+            raise AssertionError(f'{error}; policy_node exit status {self.process.poll()}:\n'
+                                 f'{self.output()}') from None
 
     def stop(self):
         """Stop the node the way launch does: SIGINT, then SIGTERM, then SIGKILL."""

@@ -25,10 +25,10 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 from action_msgs.msg import GoalStatus
 from capsule_ros.action import Generate
+from capsule_ros.ros.client import first_answer
 from capsule_ros.ros.node import MUTATING_SERVICES
 from capsule_ros.ros.node import OTHER_SERVICES
 from capsule_ros.ros.parameters import AUTOSTART_PARAMETER
@@ -52,7 +52,6 @@ from rclpy.executors import SingleThreadedExecutor
 import yaml
 
 TIMEOUT_S = 60.0  # configure loads the model (~10 s on 2 busy cores)
-GET_STATE_ATTEMPT_S = 2.0
 
 
 def wait(executor, future, what, timeout_s=TIMEOUT_S):
@@ -81,14 +80,8 @@ class LifecycleManager:
         """Return the node's lifecycle state id, asking again until an answer arrives."""
         client = self.get_state_client
         assert client.wait_for_service(timeout_sec=TIMEOUT_S), 'get_state never appeared'
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline:
-            future = client.call_async(GetState.Request())
-            self.executor.spin_until_future_complete(future, timeout_sec=GET_STATE_ATTEMPT_S)
-            if future.done():
-                return future.result().current_state.id
-            client.remove_pending_request(future)
-        raise AssertionError(f'no answer from /capsule/get_state within {TIMEOUT_S} s')
+        return first_answer(self.executor, client, GetState.Request, TIMEOUT_S,
+                            '/capsule/get_state').current_state.id
 
     def change_state(self, transition, expected_state):
         """Send one transition; return whether the node reached ``expected_state``."""
