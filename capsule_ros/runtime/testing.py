@@ -33,26 +33,50 @@ TINY_LLAMA = {
     'max_position_embeddings': 1024, 'rms_norm_eps': 1e-5, 'tie_word_embeddings': True,
     'rope_theta': 10000.0,
 }
+# LFM2: gated short convolution (kernel 3) in layers 0 and 2, GQA attention in 1 and 3
+TINY_LFM2 = {
+    'model_type': 'lfm2', 'hidden_size': 64, 'intermediate_size': 128,
+    'num_hidden_layers': 4, 'num_attention_heads': 4, 'num_key_value_heads': 2,
+    'max_position_embeddings': 2048, 'norm_eps': 1e-5, 'tie_word_embeddings': True,
+    'conv_L_cache': 3, 'block_auto_adjust_ff_dim': False,
+    'layer_types': ['conv', 'full_attention', 'conv', 'full_attention'],
+}
+# Qwen3.5: Gated DeltaNet (conv kernel 4, 4 value heads over 2 key heads) in layers 0-2,
+# gated GQA attention with partial RoPE in layer 3
+TINY_QWEN3_5 = {
+    'model_type': 'qwen3_5_text', 'hidden_size': 64, 'intermediate_size': 128,
+    'num_hidden_layers': 4, 'num_attention_heads': 4, 'num_key_value_heads': 2,
+    'head_dim': 16, 'max_position_embeddings': 2048, 'rms_norm_eps': 1e-6,
+    'tie_word_embeddings': False, 'linear_conv_kernel_dim': 4, 'linear_key_head_dim': 16,
+    'linear_value_head_dim': 16, 'linear_num_key_heads': 2, 'linear_num_value_heads': 4,
+    'layer_types': ['linear_attention', 'linear_attention', 'linear_attention',
+                    'full_attention'],
+}
+TINY_CONFIGS = {'llama': TINY_LLAMA, 'lfm2': TINY_LFM2, 'qwen3_5_text': TINY_QWEN3_5}
 
 
-def write_tiny_model(directory: Path, overrides: dict | None = None, seed: int = 0) -> Path:
+def write_tiny_model(directory: Path, overrides: dict | None = None, seed: int = 0,
+                     family: str = 'llama') -> Path:
     """
-    Write a random-weight Llama-family checkpoint with the bundled tokenizer to ``directory``.
+    Write a random-weight checkpoint of ``family`` with the bundled tokenizer to ``directory``.
 
-    ``overrides`` change the config (e.g. RoPE scaling, q/k norm via ``model_type='qwen3'``).
+    ``family`` is a key of ``TINY_CONFIGS``; ``overrides`` change the config (e.g. RoPE
+    scaling, q/k norm via ``model_type='qwen3'``, other sizes).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
     tokenizer_source = loader.resolve_model('').directory
-    values = dict(TINY_LLAMA, **(overrides or {}))
+    values = dict(TINY_CONFIGS[family], **(overrides or {}))
     model_type = values.pop('model_type')
     vocab_size = json.loads((tokenizer_source / 'config.json').read_text())['vocab_size']
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **values)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
-        for parameter in model.parameters():  # larger weights: logits far from ties
+        for name, parameter in model.named_parameters():  # larger weights: logits far from ties
+            if name.endswith('A_log') or name.endswith('dt_bias'):
+                continue  # decay parameters keep their initialization (a stable recurrence)
             parameter.normal_(0.0, 0.2)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
