@@ -144,6 +144,10 @@ def capsule_to_dict(capsule):
         'num_tokens': capsule.num_tokens,
         'kv_bytes': capsule.kv_bytes,
         'state_bytes': capsule.state_bytes,
+        'conv_bytes': capsule.conv_bytes,
+        'recurrent_bytes': capsule.recurrent_bytes,
+        'mtp_bytes': capsule.mtp_bytes,
+        'meta_bytes': capsule.meta_bytes,
         'shared_bytes': capsule.shared_bytes,
         'tier': TIER_NAMES.get(capsule.tier, str(capsule.tier)),
         'pinned': capsule.pinned,
@@ -184,9 +188,11 @@ def capsule_line(capsule):
         ('pinned', capsule['pinned']), ('in-slot', capsule['resident_in_slot'])) if on)
     label = f" '{capsule['label']}'" if capsule['label'] and (
         capsule['label'] != capsule['capsule_id']) else ''
+    kinds = ', '.join(f'{kind} {mib(capsule[kind + "_bytes"])}' for kind in (
+        'kv', 'conv', 'recurrent', 'mtp', 'meta') if capsule.get(kind + '_bytes'))
     return (f"{capsule['capsule_id']}{label}  session {capsule['session_id']}  "
             f"{capsule['num_tokens']} tok  {mib(capsule['kv_bytes'] + capsule['state_bytes'])}"
-            f"  {capsule['tier']}{'  ' + flags if flags else ''}")
+            f" ({kinds})  {capsule['tier']}{'  ' + flags if flags else ''}")
 
 
 def lineage_tree(capsules):

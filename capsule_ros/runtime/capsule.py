@@ -34,11 +34,11 @@ import enum
 import itertools
 import threading
 from typing import Callable
-import uuid
 
 from capsule_ros.runtime.errors import (BudgetExceededError, InvalidArgumentError,
                                         UnknownCapsuleError)
-from capsule_ros.runtime.state import sequence_range, StateKind, StateLayout
+from capsule_ros.runtime.slots import Segment, Slot
+from capsule_ros.runtime.state import StateKind, StateLayout
 import torch
 
 
@@ -73,42 +73,6 @@ class CapsuleEvent:
     latency_s: float = 0.0
 
 
-class Slot:
-    """Statically allocated live buffers of one session, plus which segments sit in them."""
-
-    def __init__(self, index: int, buffers: dict[str, torch.Tensor]):
-        """Own ``buffers`` (allocated once from the StateLayout)."""
-        self.index = index
-        self.buffers = buffers
-        self.resident: set['Segment'] = set()
-
-    def __repr__(self):
-        """Short form for messages."""
-        return f'Slot({self.index})'
-
-
-class Segment:
-    """Positions ``[start, end)`` of every sequence buffer, written once by one session."""
-
-    def __init__(self, start: int, end: int, num_bytes: int, uid: str | None = None):
-        """Create an empty segment record; residency and data are filled by the owner."""
-        self.uid = uid or uuid.uuid4().hex
-        self.start = start
-        self.end = end
-        self.num_bytes = num_bytes
-        self.data: dict[str, torch.Tensor] | None = None  # host pool copy
-        self.residences: set[Slot] = set()
-        self.capsule_refs = 0
-
-    def read(self, layout: StateLayout) -> dict[str, torch.Tensor]:
-        """Return views of this segment's bytes: the pool copy, else a slot holding it."""
-        if self.data is not None:
-            return self.data
-        slot = next(iter(self.residences))
-        return {spec.name: sequence_range(slot.buffers[spec.name], spec, self.start, self.end)
-                for spec in layout.sequence_specs}
-
-
 @dataclass(frozen=True, eq=False)
 class Capsule:
     """Immutable record of a session's complete restorable state at a token boundary."""
@@ -140,7 +104,11 @@ class CapsuleInfo:
     label: str
     num_tokens: int
     kv_bytes: int
-    state_bytes: int
+    state_bytes: int  # every kind but KV: conv + recurrent + mtp + meta
+    conv_bytes: int
+    recurrent_bytes: int
+    mtp_bytes: int
+    meta_bytes: int
     shared_bytes: int
     tier: Tier
     pinned: bool
@@ -207,19 +175,19 @@ class CapsuleStore:
     def info(self, capsule: Capsule) -> CapsuleInfo:
         """Describe a capsule for clients."""
         resident = all(segment.residences for segment in capsule.chain)
-        kv_per_position = sum(spec.bytes_per_position() for spec in self.layout.sequence_specs
-                              if spec.kind is StateKind.KV)
-        other_per_position = sum(spec.bytes_per_position()
-                                 for spec in self.layout.sequence_specs
-                                 if spec.kind is not StateKind.KV)
+        by_kind = self.layout.bytes_by_kind(capsule.position)
         return CapsuleInfo(
             capsule_id=capsule.capsule_id,
             parent_id=capsule.parent_id,
             session_id=capsule.session_id,
             label=capsule.label,
             num_tokens=capsule.position,
-            kv_bytes=kv_per_position * capsule.position,
-            state_bytes=capsule.fixed_bytes + other_per_position * capsule.position,
+            kv_bytes=by_kind[StateKind.KV],
+            state_bytes=sum(by_kind.values()) - by_kind[StateKind.KV],
+            conv_bytes=by_kind[StateKind.CONV],
+            recurrent_bytes=by_kind[StateKind.RECURRENT],
+            mtp_bytes=by_kind[StateKind.MTP],
+            meta_bytes=by_kind[StateKind.META],
             shared_bytes=sum(segment.num_bytes for segment in capsule.chain
                              if segment.capsule_refs > 1),
             tier=Tier.SLOT if resident else Tier.HOST,

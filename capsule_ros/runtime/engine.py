@@ -21,7 +21,6 @@ lock: an operation on a session that another operation holds fails fast with
 """
 
 from dataclasses import dataclass
-import enum
 import hashlib
 import itertools
 from pathlib import Path
@@ -31,16 +30,19 @@ from typing import Callable, Iterable
 
 from capsule_ros.runtime import loader, persist
 from capsule_ros.runtime.capsule import (Capsule, CapsuleEvent, CapsuleInfo, CapsuleStore,
-                                         EventKind, Segment, Slot)
+                                         EventKind)
 from capsule_ros.runtime.chat import ChatFormatter, Role, TurnState
 from capsule_ros.runtime.config import PolicyConfig, SamplingConfig
 from capsule_ros.runtime.errors import (BudgetExceededError, check_plain_name,
                                         ContextFullError, FingerprintMismatchError,
                                         InvalidArgumentError, SessionBusyError,
                                         UnknownSessionError)
-from capsule_ros.runtime.models.llama import LlamaConfig, LlamaModel
-from capsule_ros.runtime.sampling import new_generator, select_token
-from capsule_ros.runtime.state import BufferSpec, sequence_range, StateKind, StateLayout
+from capsule_ros.runtime.generate import (decode_loop, DecodeRequest, GenerationResult,
+                                          StopReason)
+from capsule_ros.runtime.models import registry
+from capsule_ros.runtime.sampling import new_generator
+from capsule_ros.runtime.slots import Segment, Slot, SlotResidency
+from capsule_ros.runtime.state import BufferSpec, StateKind, StateLayout
 
 import torch
 
@@ -49,34 +51,6 @@ MAX_BRANCHES = 64
 SCALAR_POSITION, SCALAR_TURN, SCALAR_HAS_LOGITS, SCALAR_TOP_K, SCALAR_SEED = range(5)
 # sampler floats: [temperature, top_p]
 SAMPLER_TEMPERATURE, SAMPLER_TOP_P = range(2)
-
-
-class StopReason(str, enum.Enum):
-    """Why a generation ended."""
-
-    EOS = 'eos'
-    STOP_STRING = 'stop_string'
-    MAX_TOKENS = 'max_tokens'
-    CANCELED = 'canceled'
-    CONTEXT_FULL = 'context_full'
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """Outcome of ``generate``."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    stop_reason: StopReason
-    first_token_s: float
-    elapsed_s: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Decode rate after the first token."""
-        decode_s = self.elapsed_s - self.first_token_s
-        count = len(self.token_ids) - 1
-        return count / decode_s if count > 0 and decode_s > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -141,14 +115,14 @@ class PolicyEngine:
         files = loader.resolve_model(self.config.model.path, cache_dir, progress)
         report(f'loading weights from {files.directory}')
         hf_config, weights = loader.load_hf_directory(files.directory)
-        self.model_config = LlamaConfig.from_hf(hf_config)
+        self.model_config = registry.config_from_hf(hf_config)
         max_seq_len = self.config.engine.max_seq_len
         if max_seq_len > self.model_config.max_position_embeddings:
             raise InvalidArgumentError(
                 f"parameter engine.max_seq_len: {max_seq_len} exceeds the model's "
                 f'{self.model_config.max_position_embeddings} positions')
-        self.model = LlamaModel(self.model_config, weights, self.dtype, self.device, max_seq_len,
-                                self.config.model.quantization)
+        self.model = registry.build_model(self.model_config, weights, self.dtype, self.device,
+                                          max_seq_len, self.config.model.quantization)
         del weights
         self.tokenizer = loader.load_tokenizer(files.directory)
         self.chat = ChatFormatter(self.tokenizer)
@@ -173,6 +147,7 @@ class PolicyEngine:
         self.store = CapsuleStore(self.layout, self.config.capsules.budget_bytes,
                                   on_event=self._emit)
         self._lock = self.store.lock
+        self.residency = SlotResidency(self.layout, self.store)
         self._sessions: dict[str, Session] = {}
         self._session_counter = itertools.count()
         self.model_name = files.source
@@ -183,7 +158,8 @@ class PolicyEngine:
     # -- identity ---------------------------------------------------------------------------
 
     def _fingerprint(self, weights_sha256: str) -> str:
-        parts = [weights_sha256, self.model_config.hf_config_json, self.model.weights_format,
+        parts = [weights_sha256, self.model.family, self.model_config.hf_config_json,
+                 self.model.weights_format,
                  self.config.backend.kind, self.device.type, self.layout.layout_hash()]
         return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:32]
 
@@ -280,18 +256,6 @@ class PolicyEngine:
 
     # -- forward ----------------------------------------------------------------------------
 
-    def _prepare_write(self, slot: Slot, position: int,
-                       protect: frozenset[str] = frozenset()) -> None:
-        """Copy-on-write: keep what capsules need of slot positions >= ``position``."""
-        doomed = [segment for segment in slot.resident if segment.end > position]
-        if not doomed:
-            return
-        with self._lock:
-            self.store.materialize(doomed, slot, protect)
-            for segment in doomed:
-                segment.residences.discard(slot)
-                slot.resident.discard(segment)
-
     def _run(self, session: Session, token_ids: list[int],
              progress: Callable[[int, int], None] | None = None) -> None:
         """Prefill ``token_ids`` in chunks at the session's position (caller holds session)."""
@@ -304,14 +268,18 @@ class PolicyEngine:
             raise ContextFullError(
                 f'session {session.session_id!r} holds {session.position} tokens; '
                 f'{len(token_ids)} more exceed engine.max_seq_len={self.max_seq_len}')
-        self._prepare_write(session.slot, session.position)
-        buffers = session.slot.buffers
+        slot = session.slot
+        with self._lock:
+            self.residency.prepare_write(slot, session.position)
         chunk = self.config.engine.prefill_chunk
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
         for offset in range(0, len(token_ids), chunk):
             piece = ids[offset:offset + chunk]
             start = session.position
-            logits = self.model.forward(piece, start, buffers['kv'])
+            targets = self.residency.write_targets(slot)
+            logits = self.model.forward(piece, start, slot.buffers, out_state=targets)
+            self.residency.commit_write(slot, targets)
+            buffers = slot.buffers
             buffers['tokens'][start:start + piece.shape[0]] = piece
             buffers['last_logits'].copy_(logits)
             session.position = start + piece.shape[0]
@@ -385,41 +353,18 @@ class PolicyEngine:
             if header:
                 self._run(session, header)
                 session.turn = TurnState.ASSISTANT_OPEN
-            generated: list[int] = []
-            text = ''
-            first_token_s = 0.0
-            reason = StopReason.MAX_TOKENS
-            buffers = session.slot.buffers
-            while len(generated) < max_new_tokens:
-                if cancel is not None and cancel.is_set():
-                    reason = StopReason.CANCELED
-                    break
-                if session.position >= self.max_seq_len:
-                    reason = StopReason.CONTEXT_FULL
-                    break
-                token = select_token(buffers['last_logits'].float(), active, session.generator)
-                if not generated:
-                    first_token_s = time.monotonic() - started
-                generated.append(token)
-                self._run(session, [token])
-                if token in self.eos_token_ids:
-                    session.turn = TurnState.ASSISTANT_ENDED
-                    reason = StopReason.EOS
-                    break
-                new_text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                delta = new_text[len(text):]
-                text = new_text
-                if on_token:
-                    on_token(token, delta)
-                hit = min((text.find(s) for s in stop if s in text), default=-1)
-                if hit >= 0:
-                    text = text[:hit]
-                    reason = StopReason.STOP_STRING
-                    break
-            elapsed = time.monotonic() - started
-            self.last_latencies['generate'] = elapsed
-            self.last_latencies['first_token'] = first_token_s
-            return GenerationResult(text, tuple(generated), reason, first_token_s, elapsed)
+            request = DecodeRequest(max_new_tokens, active, session.generator, tuple(stop),
+                                    on_token, cancel)
+            result = decode_loop(
+                request, last_logits=lambda: session.slot.buffers['last_logits'],
+                step=lambda token: self._run(session, [token]),
+                room=lambda: self.max_seq_len - session.position, tokenizer=self.tokenizer,
+                eos_token_ids=self.eos_token_ids, started=started)
+            if result.stop_reason is StopReason.EOS:
+                session.turn = TurnState.ASSISTANT_ENDED
+            self.last_latencies['generate'] = result.elapsed_s
+            self.last_latencies['first_token'] = result.first_token_s
+            return result
 
     # -- capsule verbs ----------------------------------------------------------------------
 
@@ -436,12 +381,8 @@ class PolicyEngine:
                                       f'capsule of {session.position} tokens')
                 chain = session.chain
                 if session.position > session.chain_end:
-                    segment = Segment(session.chain_end, session.position,
-                                      self.layout.sequence_bytes(
-                                          session.position - session.chain_end))
-                    segment.residences.add(session.slot)
-                    session.slot.resident.add(segment)
-                    chain = chain + (segment,)
+                    chain = chain + (self.residency.add_segment(
+                        session.slot, session.chain_end, session.position),)
                 capsule = Capsule(
                     capsule_id=capsule_id, label=label, session_id=session_id,
                     parent_id=session.parent_id, position=session.position,
@@ -467,12 +408,17 @@ class PolicyEngine:
         buffers['sampler'][SAMPLER_TEMPERATURE] = session.sampling.temperature
         buffers['sampler'][SAMPLER_TOP_P] = session.sampling.top_p
         buffers['rng_state'].copy_(session.generator.get_state())
-        return {spec.name: buffers[spec.name].clone() for spec in self.layout.fixed_specs}
+        fixed = self.residency.share_fixed(session.slot)  # conv, recurrent: by reference
+        fixed.update({spec.name: buffers[spec.name].clone() for spec in self.layout.fixed_specs
+                      if spec.name not in fixed})
+        return fixed
 
     def _import_fixed(self, session: Session, fixed: dict[str, torch.Tensor]) -> None:
+        self.residency.adopt_fixed(session.slot, fixed)
         buffers = session.slot.buffers
         for spec in self.layout.fixed_specs:
-            buffers[spec.name].copy_(fixed[spec.name])
+            if spec.name not in self.residency.shared_names:
+                buffers[spec.name].copy_(fixed[spec.name])
         scalars = buffers['scalars'].tolist()
         session.position = scalars[SCALAR_POSITION]
         session.turn = TurnState(scalars[SCALAR_TURN])
@@ -514,7 +460,7 @@ class PolicyEngine:
 
     def _enter(self, session: Session, capsule: Capsule) -> int:
         """Make ``session`` continue from ``capsule``; returns the KV bytes copied."""
-        copied = self._load_chain(session, capsule)
+        copied = self.residency.load_chain(session.slot, capsule)
         self._import_fixed(session, capsule.fixed)
         session.chain = capsule.chain
         session.parent_id = capsule.capsule_id
@@ -522,26 +468,9 @@ class PolicyEngine:
 
     def _discard_session(self, session: Session) -> None:
         """Undo ``_new_session`` after a failed restore or branch."""
-        self._prepare_write(session.slot, 0)
+        self.residency.release_slot(session.slot)
         self._sessions.pop(session.session_id, None)
         self._free_slots.append(session.slot)
-
-    def _load_chain(self, session: Session, capsule: Capsule) -> int:
-        slot = session.slot
-        missing = [segment for segment in capsule.chain if slot not in segment.residences]
-        if not missing:
-            return 0
-        self._prepare_write(slot, missing[0].start, frozenset([capsule.capsule_id]))
-        copied = 0
-        for segment in missing:
-            source = segment.read(self.layout)
-            for spec in self.layout.sequence_specs:
-                sequence_range(slot.buffers[spec.name], spec, segment.start,
-                               segment.end).copy_(source[spec.name])
-            segment.residences.add(slot)
-            slot.resident.add(segment)
-            copied += segment.num_bytes
-        return copied
 
     def _check_fingerprint(self, capsule: Capsule) -> None:
         if capsule.fingerprint != self.fingerprint:

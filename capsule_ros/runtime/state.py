@@ -99,6 +99,14 @@ class StateLayout:
         """Bytes of a complete capsule at ``num_positions``, all of its segments included."""
         return self.sequence_bytes(num_positions) + self.fixed_bytes()
 
+    def bytes_by_kind(self, num_positions: int) -> dict[StateKind, int]:
+        """Bytes of a complete capsule at ``num_positions``, per kind of state."""
+        totals = dict.fromkeys(StateKind, 0)
+        for spec in self.specs:
+            totals[spec.kind] += (spec.bytes_per_position() * num_positions
+                                  if spec.seq_axis is not None else spec.num_bytes)
+        return totals
+
     def layout_hash(self) -> str:
         """
         Short stable hash of the buffer set (part of the model fingerprint).

@@ -47,14 +47,14 @@ def test_random_weight_variant_matches_transformers(variant, tmp_path):
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (200,), generator=generator)
     with torch.inference_mode():
-        ours = model.forward(tokens, 0, kv, all_logits=True)
+        ours = model.forward(tokens, 0, {'kv': kv}, all_logits=True)
         theirs = reference(tokens[None]).logits[0]
         assert float((ours - theirs).abs().max()) <= 1e-4
         sequence = tokens.tolist()
         for _ in range(16):
             token = int(ours[-1].argmax()) if ours.dim() == 2 else int(ours.argmax())
             sequence.append(token)
-            ours = model.forward(torch.tensor([token]), len(sequence) - 1, kv)
+            ours = model.forward(torch.tensor([token]), len(sequence) - 1, {'kv': kv})
             theirs = reference(torch.tensor([sequence])).logits[0, -1]
             assert int(theirs.argmax()) == int(ours.argmax())
             assert float((ours - theirs).abs().max()) <= 1e-4

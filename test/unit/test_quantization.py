@@ -89,7 +89,7 @@ def test_auto_keeps_off_grid_weights_dense_and_int4_forces(tmp_path):
     assert forced.int4_linears == 4 * forced.config.num_layers
     # the fingerprinted format is what decode runs on: auto found nothing, so it is dense
     assert auto.weights_format == none.weights_format != forced.weights_format
-    assert tiny_model(tmp_path, torch.float32, 'auto').quantization == 'none'
+    assert tiny_model(tmp_path, torch.float32, 'auto').linears.quantization == 'none'
 
 
 def test_int4_decode_equals_prefill_of_the_same_weights(tmp_path):
@@ -99,9 +99,9 @@ def test_int4_decode_equals_prefill_of_the_same_weights(tmp_path):
                            generator=torch.Generator().manual_seed(5))
     prefill_kv = torch.zeros(model.state_specs()[0].shape)
     decode_kv = torch.zeros(model.state_specs()[0].shape)
-    one_shot = model.forward(tokens, 0, prefill_kv, all_logits=True)  # [40, V]
+    one_shot = model.forward(tokens, 0, {'kv': prefill_kv}, all_logits=True)  # [40, V]
     for position, token in enumerate(tokens.tolist()):
-        stepped = model.forward(torch.tensor([token]), position, decode_kv)  # [V]
+        stepped = model.forward(torch.tensor([token]), position, {'kv': decode_kv})  # [V]
         assert float((stepped - one_shot[position]).abs().max()) <= 1e-4, position
     assert float((decode_kv - prefill_kv).abs().max()) <= 1e-4
 

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 import json
 
 from capsule_ros.runtime.errors import InvalidArgumentError
-from capsule_ros.runtime.quantization import int4_linear, int4_supported, Int4Weight
-from capsule_ros.runtime.quantization import quantize_int4
+from capsule_ros.runtime.models.linear import LinearFactory
 from capsule_ros.runtime.state import BufferSpec, StateKind
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -142,24 +141,10 @@ class LlamaModel:
         self.dtype = dtype
         self.device = device
         self.max_seq_len = max_seq_len
-        if quantization == 'auto' and (dtype != torch.bfloat16 or device.type != 'cpu'):
-            quantization = 'none'
-        if quantization == 'int4' and device.type != 'cpu':
-            raise InvalidArgumentError(
-                'parameter model.quantization: int4 runs on CPU only; use auto or none on '
-                f'{device.type}')
-        self.quantization = quantization
-
-        def source(name):  # [N, K] fp32 on the device
-            return weights[name].to(device=device, dtype=torch.float32)
+        self.linears = LinearFactory(dtype, device, quantization)
 
         def take(name):
             return weights[name].to(device=device, dtype=dtype).contiguous()
-
-        # bf16 on x86: oneDNN-packed weights run batch-1 decode near memory bandwidth and
-        # batched prefill about 1.8x faster than plain bf16 matmuls on this CPU class.
-        self.packed_linears = (dtype == torch.bfloat16 and device.type == 'cpu'
-                               and torch.backends.mkldnn.is_available())
 
         self.embed_tokens = take('model.embed_tokens.weight')  # [V, D]
         self.final_norm = take('model.norm.weight')  # [D]
@@ -168,30 +153,26 @@ class LlamaModel:
         else:
             self.lm_head = take('lm_head.weight')  # [V, D]
         self.layers = []
-        self.int4_linears = 0
         for index in range(config.num_layers):
             prefix = f'model.layers.{index}.'
             attention = prefix + 'self_attn.'
             mlp = prefix + 'mlp.'
-            linears = {
-                # [(H + 2 * Hkv) * hd, D]: one matmul for q, k and v
-                'qkv': torch.cat([source(attention + f'{p}_proj.weight') for p in 'qkv']),
-                'o': source(attention + 'o_proj.weight'),  # [D, H * hd]
-                # [2 * I, D]: one matmul for gate and up
-                'gate_up': torch.cat([source(mlp + 'gate_proj.weight'),
-                                      source(mlp + 'up_proj.weight')]),
-                'down': source(mlp + 'down_proj.weight'),  # [D, I]
-            }
+            qkv_bias = None
+            if config.attention_bias:
+                qkv_bias = torch.cat([weights[attention + f'{p}_proj.bias'] for p in 'qkv'])
             layer = {
                 'input_norm': take(prefix + 'input_layernorm.weight'),
                 'post_attention_norm': take(prefix + 'post_attention_layernorm.weight'),
-                'qkv_bias': None, 'qk_norm': None,
+                # [(H + 2 * Hkv) * hd, D]: one matmul for q, k and v
+                'qkv': self.linears.prepare(torch.cat(
+                    [weights[attention + f'{p}_proj.weight'] for p in 'qkv']), qkv_bias),
+                'o': self.linears.prepare(weights[attention + 'o_proj.weight']),  # [D, H * hd]
+                # [2 * I, D]: one matmul for gate and up
+                'gate_up': self.linears.prepare(torch.cat(
+                    [weights[mlp + 'gate_proj.weight'], weights[mlp + 'up_proj.weight']])),
+                'down': self.linears.prepare(weights[mlp + 'down_proj.weight']),  # [D, I]
+                'qk_norm': None,
             }
-            for name, weight in linears.items():
-                layer[name], layer[name + '_int4'] = self._prepare_linear(weight)
-            if config.attention_bias:
-                layer['qkv_bias'] = torch.cat(
-                    [take(attention + f'{p}_proj.bias') for p in 'qkv'])
             if config.qk_norm:
                 # [H + Hkv, 1, hd]: q_norm for the query heads, k_norm for the key heads
                 layer['qk_norm'] = torch.cat([
@@ -199,7 +180,7 @@ class LlamaModel:
                     take(attention + 'k_norm.weight').expand(config.num_kv_heads, -1)])[:, None]
             self.layers.append(layer)
         # The output head (tied to the embeddings in SmolLM2, Q8_0 in its GGUF) stays dense.
-        self.lm_head_linear = self._pack(self.lm_head)
+        self.lm_head_linear = self.linears.prepare(self.lm_head, quantize=False)
         cos, sin = rope_tables(config, max_seq_len)
         half = config.head_dim // 2
         self.rope_cos = cos.to(device=device, dtype=dtype)  # [T, hd]
@@ -214,33 +195,12 @@ class LlamaModel:
     @property
     def weights_format(self) -> str:
         """Describe the weights decode runs on (part of the fingerprint); not the mode asked."""
-        return f'{self.dtype} int4={self.int4_linears}/{4 * self.config.num_layers}'
+        return self.linears.describe()
 
-    def _prepare_linear(self, weight: torch.Tensor) -> tuple[torch.Tensor, Int4Weight | None]:
-        """Return the dense (prefill) weight and, when quantized, the int4 (decode) one."""
-        if self.quantization != 'none' and int4_supported(weight, self.device):
-            quantized = quantize_int4(weight, self.dtype,
-                                      only_on_grid=self.quantization == 'auto')
-            if quantized is not None:
-                self.int4_linears += 1
-                # prefill multiplies the same weights as decode: the int4 grid's expansion
-                return self._pack(quantized.dequantized.to(self.dtype)), quantized.weight
-        return self._pack(weight.to(self.dtype).contiguous()), None
-
-    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.packed_linears:
-            return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        return weight
-
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None,
-                weight_int4: Int4Weight | None = None) -> torch.Tensor:
-        if weight_int4 is not None and x.shape[0] == 1:  # one token: stream 4-bit weights
-            out = int4_linear(x, weight_int4)
-            return out if bias is None else out + bias
-        if self.packed_linears:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [None], '')
-        return F.linear(x, weight, bias)
+    @property
+    def int4_linears(self) -> int:
+        """How many layer linears decode streams as 4-bit groups."""
+        return self.linears.num_int4
 
     def state_specs(self) -> list[BufferSpec]:
         """Name every live buffer a session slot needs for this architecture."""
@@ -255,15 +215,18 @@ class LlamaModel:
         return weight * F.rms_norm(x, (x.shape[-1],), eps=self.config.rms_norm_eps)
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, start_pos: int, kv: torch.Tensor,
-                all_logits: bool = False) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, start_pos: int, state: dict[str, torch.Tensor],
+                all_logits: bool = False,
+                out_state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """
-        Run tokens at positions ``[start_pos, start_pos + S)`` and write their KV.
+        Run tokens at positions ``[start_pos, start_pos + S)`` and write their KV in place.
 
-        token_ids: [S] int64; kv: the slot buffer [L, 2, Hkv, T, hd].
+        token_ids: [S] int64; state['kv']: the slot buffer [L, 2, Hkv, T, hd]. A Llama has no
+        overwritten state, so ``out_state`` has nothing to receive.
         Returns fp32 logits [S, V] when ``all_logits`` else [V] for the last token.
         """
         config = self.config
+        kv = state['kv']
         num_tokens = token_ids.shape[0]
         end_pos = start_pos + num_tokens
         head_dim = config.head_dim
@@ -283,7 +246,7 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer['input_norm'])
             # [S, (H + 2 Hkv) hd]
-            qkv = self._linear(h, layer['qkv'], layer['qkv_bias'], layer['qkv_int4'])
+            qkv = self.linears.apply(h, layer['qkv'])
             # q and k are neighbours in qkv: normalize and rotate them as one tensor
             qk = qkv[:, :self.q_size + self.kv_size].view(
                 num_tokens, self.qk_heads, head_dim).transpose(0, 1)  # [H + Hkv, S, hd]
@@ -309,14 +272,12 @@ class LlamaModel:
                     q[None], keys[None], values[None], attn_mask=attn_mask,
                     is_causal=is_causal, enable_gqa=True)  # [1, H, S, hd]
                 attention = attention[0].transpose(0, 1).reshape(num_tokens, self.q_size)
-            x = x + self._linear(attention, layer['o'], weight_int4=layer['o_int4'])
+            x = x + self.linears.apply(attention, layer['o'])
             h = self._rms_norm(x, layer['post_attention_norm'])
-            gate, up = self._linear(
-                h, layer['gate_up'], weight_int4=layer['gate_up_int4']).chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, layer['down'],
-                                 weight_int4=layer['down_int4'])  # gate, up: [S, I]
+            gate, up = self.linears.apply(h, layer['gate_up']).chunk(2, dim=-1)  # [S, I] each
+            x = x + self.linears.apply(F.silu(gate) * up, layer['down'])
         if not all_logits:
             x = x[-1:]
         x = self._rms_norm(x, self.final_norm)
-        logits = self._linear(x, self.lm_head_linear).float()  # [S or 1, V]
+        logits = self.linears.apply(x, self.lm_head_linear).float()  # [S or 1, V]
         return logits if all_logits else logits[0]

@@ -1,0 +1,106 @@
+# Copyright 2026 The capsule_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The decode loop: token selection, streaming, stop strings, stop reasons."""
+
+from dataclasses import dataclass
+import enum
+import threading
+import time
+from typing import Callable
+
+from capsule_ros.runtime.config import SamplingConfig
+from capsule_ros.runtime.sampling import select_token
+import torch
+
+
+class StopReason(str, enum.Enum):
+    """Why a generation ended."""
+
+    EOS = 'eos'
+    STOP_STRING = 'stop_string'
+    MAX_TOKENS = 'max_tokens'
+    CANCELED = 'canceled'
+    CONTEXT_FULL = 'context_full'
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Outcome of ``generate``."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    stop_reason: StopReason
+    first_token_s: float
+    elapsed_s: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode rate after the first token."""
+        decode_s = self.elapsed_s - self.first_token_s
+        count = len(self.token_ids) - 1
+        return count / decode_s if count > 0 and decode_s > 0 else 0.0
+
+
+@dataclass
+class DecodeRequest:
+    """One generation over a session whose last logits are ready."""
+
+    max_new_tokens: int
+    sampling: SamplingConfig
+    generator: torch.Generator
+    stop: tuple[str, ...] = ()
+    on_token: Callable[[int, str], None] | None = None
+    cancel: threading.Event | None = None
+
+
+def decode_loop(request: DecodeRequest, last_logits: Callable[[], torch.Tensor],
+                step: Callable[[int], None], room: Callable[[], int], tokenizer,
+                eos_token_ids: frozenset[int], started: float) -> GenerationResult:
+    """
+    Select a token from ``last_logits()``, run it with ``step(token)``, repeat until a stop.
+
+    ``room()`` is how many more tokens the session can hold. Every emitted token is run
+    through the model, so the session ends at a clean boundary whatever the stop reason.
+    """
+    generated: list[int] = []
+    text = ''
+    first_token_s = 0.0
+    reason = StopReason.MAX_TOKENS
+    while len(generated) < request.max_new_tokens:
+        if request.cancel is not None and request.cancel.is_set():
+            reason = StopReason.CANCELED
+            break
+        if room() <= 0:
+            reason = StopReason.CONTEXT_FULL
+            break
+        token = select_token(last_logits().float(), request.sampling, request.generator)
+        if not generated:
+            first_token_s = time.monotonic() - started
+        generated.append(token)
+        step(token)
+        if token in eos_token_ids:
+            reason = StopReason.EOS
+            break
+        new_text = tokenizer.decode(generated, skip_special_tokens=True)
+        delta = new_text[len(text):]
+        text = new_text
+        if request.on_token:
+            request.on_token(token, delta)
+        hit = min((text.find(s) for s in request.stop if s in text), default=-1)
+        if hit >= 0:
+            text = text[:hit]
+            reason = StopReason.STOP_STRING
+            break
+    return GenerationResult(text, tuple(generated), reason, first_token_s,
+                            time.monotonic() - started)
