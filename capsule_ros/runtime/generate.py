@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The decode loop: token selection, streaming, stop strings, stop reasons."""
+"""The decode loop: token selection, incremental detokenization, stop strings, stop reasons."""
 
 from dataclasses import dataclass
 import enum
@@ -64,6 +64,48 @@ class DecodeRequest:
     cancel: threading.Event | None = None
 
 
+class IncrementalDetokenizer:
+    """
+    Text of a growing token list, decoding a short window per token instead of everything.
+
+    Decodes ``tokens[prefix:]`` and ``tokens[prefix:read]`` and emits what the new token added
+    (the technique of text-generation-inference and vLLM): the window starts a few tokens back
+    so merges across the boundary are seen, and a trailing U+FFFD (an incomplete UTF-8
+    sequence) waits for the next token. O(window) per token instead of O(length).
+    """
+
+    def __init__(self, tokenizer):
+        """Start empty."""
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ''
+        self._prefix = 0
+        self._read = 0
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        """Append ``token``; return the text it completes (possibly empty)."""
+        self.tokens.append(token)
+        before = self._decode(self.tokens[self._prefix:self._read])
+        after = self._decode(self.tokens[self._prefix:])
+        if len(after) <= len(before) or after.endswith('\ufffd'):
+            return ''
+        delta = after[len(before):]
+        self._prefix, self._read = self._read, len(self.tokens)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """Return whatever the last tokens hold back (an incomplete character), and add it."""
+        before = self._decode(self.tokens[self._prefix:self._read])
+        delta = self._decode(self.tokens[self._prefix:])[len(before):]
+        self._prefix = self._read = len(self.tokens)
+        self.text += delta
+        return delta
+
+
 def decode_loop(request: DecodeRequest, last_logits: Callable[[], torch.Tensor],
                 step: Callable[[int], None], room: Callable[[], int], tokenizer,
                 eos_token_ids: frozenset[int], started: float) -> GenerationResult:
@@ -74,7 +116,8 @@ def decode_loop(request: DecodeRequest, last_logits: Callable[[], torch.Tensor],
     through the model, so the session ends at a clean boundary whatever the stop reason.
     """
     generated: list[int] = []
-    text = ''
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    longest_stop = max((len(text) for text in request.stop), default=0)
     first_token_s = 0.0
     reason = StopReason.MAX_TOKENS
     while len(generated) < request.max_new_tokens:
@@ -89,18 +132,22 @@ def decode_loop(request: DecodeRequest, last_logits: Callable[[], torch.Tensor],
             first_token_s = time.monotonic() - started
         generated.append(token)
         step(token)
-        if token in eos_token_ids:
+        if token in eos_token_ids:  # streamed too: it is in the journal, as in token_ids
+            if request.on_token:
+                request.on_token(token, '')
             reason = StopReason.EOS
             break
-        new_text = tokenizer.decode(generated, skip_special_tokens=True)
-        delta = new_text[len(text):]
-        text = new_text
+        delta = detokenizer.add(token)
         if request.on_token:
             request.on_token(token, delta)
-        hit = min((text.find(s) for s in request.stop if s in text), default=-1)
-        if hit >= 0:
-            text = text[:hit]
+        # a stop string can only end in the new text: search the tail it may start in
+        tail_start = max(0, len(detokenizer.text) - len(delta) - longest_stop + 1)
+        hits = [found for found in (detokenizer.text.find(stop, tail_start)
+                                    for stop in request.stop) if found >= 0]
+        if hits:
             reason = StopReason.STOP_STRING
-            break
-    return GenerationResult(text, tuple(generated), reason, first_token_s,
+            return GenerationResult(detokenizer.text[:min(hits)], tuple(generated), reason,
+                                    first_token_s, time.monotonic() - started)
+    detokenizer.flush()
+    return GenerationResult(detokenizer.text, tuple(generated), reason, first_token_s,
                             time.monotonic() - started)

@@ -327,11 +327,8 @@ def test_generate_streams_feedback_and_honours_stop_strings(client):
     assert result.prompt_tokens == 0  # no prompt: the session continues as it is
     assert result.generated_tokens == len(result.token_ids) > 0
     streamed = [token for message in feedback for token in message.token_ids]
-    if result.stop_reason == Generate.Result.STOP_EOS:
-        streamed.append(result.token_ids[-1])  # the end-of-sequence token is not streamed
-    else:
-        assert result.stop_reason == Generate.Result.STOP_MAX_TOKENS
-    assert streamed == list(result.token_ids)
+    assert result.stop_reason in (Generate.Result.STOP_EOS, Generate.Result.STOP_MAX_TOKENS)
+    assert streamed == list(result.token_ids)  # the end-of-sequence token is streamed too
     assert [message.num_generated for message in feedback] == list(range(1, len(feedback) + 1))
     assert ''.join(message.text_delta for message in feedback) == result.text
     assert result.ttft_ms > 0 and result.tokens_per_second >= 0
