@@ -137,10 +137,11 @@ def counting_session(client):
 
 
 def test_list_reports_budget_and_empty_store(client):
-    """The active node answers list with the configured budget."""
+    """The freshly started node answers list with the configured budget and nothing in it."""
     response = ok(client.list_capsules())
     assert response.budget_bytes == BUDGET_BYTES
-    assert response.used_bytes <= response.budget_bytes
+    assert response.used_bytes == 0
+    assert list(response.capsules) == [] and list(response.sessions) == []
 
 
 def test_append_snapshot_list_release_close(client):
@@ -247,7 +248,9 @@ def test_bad_input_gets_named_error_codes(client):
 
 def test_negative_counts_are_refused_before_the_wire(client):
     """Negative counts cannot be encoded (uint32): the client fails to send, the CLI refuses."""
-    with pytest.raises(Exception):  # rclpy fails to serialize it (or refuses the value)
+    # rclpy refuses the value when it is set (AssertionError, ValueError, OverflowError) or
+    # fails to serialize it on send (SystemError in Kilted's rclpy); never a client bug
+    with pytest.raises((AssertionError, ValueError, OverflowError, SystemError)):
         client.branch('some-capsule', -3)
     ok(client.list_capsules())  # and the node is unaffected
     branched = run_cli('branch', 'some-capsule', '-3')
@@ -331,7 +334,9 @@ def test_generate_streams_feedback_and_honours_stop_strings(client):
     assert streamed == list(result.token_ids)  # the end-of-sequence token is streamed too
     assert [message.num_generated for message in feedback] == list(range(1, len(feedback) + 1))
     assert ''.join(message.text_delta for message in feedback) == result.text
-    assert result.ttft_ms > 0 and result.tokens_per_second >= 0
+    assert result.ttft_ms > 0
+    if result.generated_tokens > 1:  # a rate needs two tokens
+        assert result.tokens_per_second > 0
     assert result.capsule.capsule_id == 'after-reply' and result.capsule.pinned
     assert result.capsule.parent_id == 'before-reply'
 
@@ -483,7 +488,8 @@ def test_diagnostics_report_model_budget_and_latencies(client):
         assert len(values['fingerprint']) == 32
         assert int(values['budget_bytes']) == BUDGET_BYTES
         assert int(values['used_bytes']) <= BUDGET_BYTES
-        assert int(values['capsules']) >= 0 and int(values['max_sessions']) == 6
+        live = len(ok(client.list_capsules()).capsules)
+        assert int(values['capsules']) == live and int(values['max_sessions']) == 6
         assert 'last_snapshot_ms' in values  # earlier tests snapshotted
     finally:
         client.node.destroy_subscription(subscription)

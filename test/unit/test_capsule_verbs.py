@@ -115,10 +115,12 @@ def test_sampling_restore_reproduces_only_with_rng_state(tiny_engine):
     first = engine.generate(session, 12).token_ids
     engine.restore('mid')
     assert engine.generate(session, 12).token_ids == first
-    # a restore that skips the RNG state (KV and logits only) does not reproduce
+    # a restore that skips the RNG state (KV and logits only) does not reproduce: the
+    # generator keeps the state the last generation left
+    generator = engine._sessions[session].generator
+    left = generator.get_state()
     engine.restore('mid')
-    session_state = engine._sessions[session]
-    session_state.generator.manual_seed(12345)
+    generator.set_state(left)
     assert engine.generate(session, 12).token_ids != first
 
 
@@ -198,16 +200,26 @@ def test_busy_session_is_refused_other_sessions_are_not(tiny_engine):
     free = engine.create_session()
     engine.append(busy, 'one')
     engine.append(free, 'two')
-    state = engine._sessions[busy]
-    state.busy.acquire()  # as a running generation holds it
+    streaming = threading.Event()
+    cancel = threading.Event()
+    generation = threading.Thread(target=engine.generate, args=(busy, 200), kwargs={
+        'on_token': lambda token, delta: streaming.set(), 'cancel': cancel})
+    generation.start()  # a real generation holds the session
     try:
+        assert streaming.wait(30)
         with pytest.raises(SessionBusyError):
             engine.snapshot(busy)
         with pytest.raises(SessionBusyError):
             engine.generate(busy, 2)
-        engine.snapshot(free, 'free-ok')
+        with pytest.raises(SessionBusyError):
+            engine.append(busy, 'more')
+        engine.snapshot(free, 'free-ok')  # other sessions are not blocked
+        engine.generate(free, 2)
     finally:
-        state.busy.release()
+        cancel.set()
+        generation.join(30)
+    assert not generation.is_alive()
+    engine.snapshot(busy, 'busy-done')  # free again once the generation ended
 
 
 def test_save_load_roundtrip_in_a_new_engine(tiny_model_dir, tmp_path):

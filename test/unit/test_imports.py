@@ -25,11 +25,11 @@ PACKAGE_DIR = pathlib.Path(capsule_ros.__path__[0])
 INTERFACES = {
     'capsule_ros.msg': ['CapsuleEvent', 'CapsuleInfo', 'SamplingParams'],
     'capsule_ros.srv': [
-        'Branch', 'ListCapsules', 'LoadCapsule', 'ReleaseCapsule', 'Restore', 'SaveCapsule',
-        'Snapshot'],
+        'Append', 'Branch', 'CloseSession', 'ListCapsules', 'LoadCapsule', 'ReleaseCapsule',
+        'Restore', 'SaveCapsule', 'Snapshot'],
     'capsule_ros.action': ['Generate'],
 }
-# Layers import one way: ros -> runtime -> backends/models. Below 'ros', nothing may reach
+# Layers import one way: ros -> runtime (models/ inside it). Below 'ros', nothing may reach
 # ROS 2 (the runtime is pip-installable without it).
 ROS_MODULES = ('rclpy', 'capsule_ros.ros', 'capsule_ros.msg', 'capsule_ros.srv',
                'capsule_ros.action')
@@ -45,6 +45,17 @@ def test_installed_tree_holds_generated_and_own_code():
     """capsule_ros resolves to the install tree, where msg/ and ros/ sit side by side."""
     assert (PACKAGE_DIR / 'msg').is_dir(), f'{PACKAGE_DIR} is not the installed tree'
     assert (PACKAGE_DIR / 'ros' / 'node.py').is_file()
+
+
+def test_every_interface_file_is_listed():
+    """The list above names every installed .msg / .srv / .action file, no more."""
+    from ament_index_python.packages import get_package_share_directory
+
+    share = pathlib.Path(get_package_share_directory('capsule_ros'))
+    for module_name, type_names in INTERFACES.items():
+        kind = module_name.split('.')[1]
+        installed = sorted(path.stem for path in (share / kind).glob(f'*.{kind}'))
+        assert installed == sorted(type_names), kind
 
 
 @pytest.mark.parametrize('module_name', sorted(INTERFACES))
@@ -73,13 +84,15 @@ def imported_names(path):
 
 
 def below_ros_files():
-    """Return the Python files of the layers below the ROS layer."""
-    return sorted(
-        path for layer in ('runtime', 'backends') for path in (PACKAGE_DIR / layer).rglob('*.py'))
+    """Return the Python files of the layers below the ROS layer (the runtime, its models)."""
+    return sorted((PACKAGE_DIR / 'runtime').rglob('*.py'))
 
 
 def test_runtime_never_imports_ros():
-    """The runtime and backends import neither rclpy nor the ROS layer or its interfaces."""
+    """The runtime and its model families import neither rclpy nor the ROS layer."""
+    checked = {str(path.relative_to(PACKAGE_DIR)) for path in below_ros_files()}
+    assert {'runtime/engine.py', 'runtime/models/llama.py', 'runtime/models/lfm2.py',
+            'runtime/models/qwen3_5.py'} <= checked, checked
     offenders = {
         str(path.relative_to(PACKAGE_DIR)): sorted(
             name for name in imported_names(path)

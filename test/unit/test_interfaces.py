@@ -26,8 +26,17 @@ ERROR_CODES = {
 RESPONSES = [
     srv.Snapshot.Response, srv.Restore.Response, srv.Branch.Response,
     srv.ListCapsules.Response, srv.ReleaseCapsule.Response, srv.SaveCapsule.Response,
-    srv.LoadCapsule.Response, action.Generate.Result,
+    srv.LoadCapsule.Response, srv.Append.Response, srv.CloseSession.Response,
+    action.Generate.Result,
 ]
+
+
+def test_every_service_of_the_package_is_checked():
+    """A new .srv cannot slip past the error-scheme check below."""
+    services = {name for name in dir(srv) if not name.startswith('_')
+                and hasattr(getattr(srv, name), 'Response')}
+    assert services == {response.__qualname__.split('.')[0] for response in RESPONSES
+                        if response.__module__.startswith('capsule_ros.srv')}
 
 
 @pytest.mark.parametrize('response_type', RESPONSES, ids=lambda t: t.__module__ + t.__name__)
@@ -61,7 +70,12 @@ def test_named_constants():
     assert (goal.ROLE_USER, goal.ROLE_SYSTEM, goal.ROLE_OBSERVATION, goal.ROLE_RAW) == (
         0, 1, 2, 3)
     assert (result.STOP_EOS, result.STOP_STRING, result.STOP_MAX_TOKENS,
-            result.STOP_CANCELED, result.STOP_ERROR) == (0, 1, 2, 3, 4)
+            result.STOP_CANCELED, result.STOP_ERROR, result.STOP_CONTEXT_FULL) == (
+        0, 1, 2, 3, 4, 5)
+    append = srv.Append.Request
+    assert (append.ROLE_USER, append.ROLE_SYSTEM, append.ROLE_OBSERVATION,
+            append.ROLE_RAW) == (goal.ROLE_USER, goal.ROLE_SYSTEM, goal.ROLE_OBSERVATION,
+                                 goal.ROLE_RAW)
 
 
 def test_sampling_defaults_mean_greedy_and_off():
