@@ -238,7 +238,7 @@ class PolicyEngine:
             session = self._session(session_id)
             if not session.has_logits:
                 raise InvalidArgumentError(f'session {session_id!r} is empty')
-            return session.slot.buffers['last_logits'].float()
+            return session.slot.buffers['last_logits'].to(torch.float32, copy=True)
 
     def _session(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
