@@ -32,7 +32,7 @@ import json
 
 from capsule_ros.runtime.errors import InvalidArgumentError
 from capsule_ros.runtime.models.linear import LinearFactory
-from capsule_ros.runtime.models.llama import rope_tables
+from capsule_ros.runtime.models.rope import rope_tables
 from capsule_ros.runtime.state import BufferSpec, StateKind
 import torch
 import torch.nn.functional as F  # noqa: N812
