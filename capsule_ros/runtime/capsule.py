@@ -41,6 +41,10 @@ from capsule_ros.runtime.slots import Segment, Slot
 from capsule_ros.runtime.state import StateKind, StateLayout
 import torch
 
+# Id prefix of the hidden pinned capsules that hold swapped-out sessions (virtual sessions).
+# No user id can start with it (ids start with a letter or a digit), and no verb shows them.
+SWAP_PREFIX = '~swap-'
+
 
 class Tier(str, enum.Enum):
     """Where a capsule's bytes are (the slowest part decides)."""
@@ -145,13 +149,13 @@ class CapsuleStore:
         return capsule_id in self._capsules
 
     def __len__(self) -> int:
-        """Count live capsules."""
-        return len(self._capsules)
+        """Count live capsules (the hidden ones of swapped-out sessions excepted)."""
+        return len(self.capsules())
 
     def get(self, capsule_id: str, touch: bool = True) -> Capsule:
         """Return the live capsule ``capsule_id`` (and mark it recently used)."""
         capsule = self._capsules.get(capsule_id)
-        if capsule is None:
+        if capsule is None or capsule_id.startswith(SWAP_PREFIX):  # hidden ones: engine only
             raise UnknownCapsuleError(
                 f'no capsule {capsule_id!r}: it was never created, or was released or evicted '
                 f'(list the live ones with the list service)')
@@ -159,13 +163,14 @@ class CapsuleStore:
             self._capsules.move_to_end(capsule_id)
         return capsule
 
-    def capsules(self) -> list[Capsule]:
+    def capsules(self, include_hidden: bool = False) -> list[Capsule]:
         """Live capsules in creation-independent LRU order (oldest use first)."""
-        return list(self._capsules.values())
+        return [capsule for capsule_id, capsule in self._capsules.items()
+                if include_hidden or not capsule_id.startswith(SWAP_PREFIX)]
 
     def children(self, capsule_id: str) -> tuple[str, ...]:
         """Ids of live capsules whose lineage parent is ``capsule_id``."""
-        return tuple(capsule.capsule_id for capsule in self._capsules.values()
+        return tuple(capsule.capsule_id for capsule in self.capsules()
                      if capsule.parent_id == capsule_id)
 
     def is_pinned(self, capsule_id: str) -> bool:
@@ -219,7 +224,7 @@ class CapsuleStore:
 
     # -- mutation ---------------------------------------------------------------------------
 
-    def add(self, capsule: Capsule, pin: bool) -> None:
+    def add(self, capsule: Capsule, pin: bool, protect: frozenset[str] = frozenset()) -> None:
         """
         Insert a capsule; its pool segments must already be charged (see ``charge``).
 
@@ -235,7 +240,7 @@ class CapsuleStore:
         if pin:
             self._pinned.add(capsule.capsule_id)
         try:
-            self.make_room(0, protect=frozenset([capsule.capsule_id]))
+            self.make_room(0, protect=protect | {capsule.capsule_id})
         except BudgetExceededError:
             self._remove(capsule.capsule_id)
             raise
@@ -246,6 +251,10 @@ class CapsuleStore:
             raise BudgetExceededError(
                 f'{what} needs {_mib(capsule_bytes)} but capsules.budget_bytes is '
                 f'{_mib(self.budget_bytes)}; raise the budget or keep contexts shorter')
+
+    def discard(self, capsule_id: str) -> None:
+        """Drop a hidden capsule (a swapped-out session's state) without an event."""
+        self._remove(capsule_id)
 
     def release(self, capsule_id: str, kind: EventKind = EventKind.RELEASED) -> int:
         """Drop a capsule; returns the bytes freed (shared segments stay for the others)."""
@@ -308,13 +317,96 @@ class CapsuleStore:
                                   for name, tensor in segment.read(self.layout).items()})
 
     def make_room(self, num_bytes: int, protect: frozenset[str] = frozenset()) -> None:
-        """Ensure ``num_bytes`` more fit under the budget, evicting if needed."""
-        while self.used_bytes + num_bytes > self.budget_bytes:
-            if not self._free_some(exclude_capsules=protect):
-                raise BudgetExceededError(
-                    f'the capsule budget ({_mib(self.budget_bytes)}) is full with pinned or '
-                    f'protected capsules ({_mib(self.used_bytes)} used, {_mib(num_bytes)} '
-                    f'more needed); release or unpin capsules, or raise capsules.budget_bytes')
+        """Ensure ``num_bytes`` more fit under the budget, evicting if needed; all or nothing."""
+        self._apply_room(*self._plan_room(num_bytes, protect))
+
+    def add_loaded(self, capsule: Capsule,
+                   fresh: list[tuple[Segment, dict[str, torch.Tensor]]]) -> None:
+        """
+        Insert a capsule read from a file, all or nothing.
+
+        ``fresh``: its segments that are not in memory yet, with their data; the rest of its
+        chain are live segments it shares. What must be dropped or evicted to make room is
+        planned first, so ``BudgetExceededError`` comes before anything changes; the shared
+        segments are held while their other owners are evicted.
+        """
+        fresh_segments = {segment for segment, _ in fresh}
+        shared = [segment for segment in capsule.chain if segment not in fresh_segments]
+        plan = self._plan_room(
+            capsule.fixed_bytes + sum(segment.num_bytes for segment in fresh_segments),
+            hold=tuple(shared))
+        for segment in shared:
+            segment.capsule_refs += 1
+        try:
+            self._apply_room(*plan)
+            for segment, data in fresh:
+                self.charge(segment, data)
+            self.add(capsule, pin=False)
+        except BaseException:
+            if self._capsules.get(capsule.capsule_id) is capsule:
+                self._remove(capsule.capsule_id)
+            for segment in fresh_segments:
+                if segment.capsule_refs == 0:
+                    self._drop_pool_copy(segment)
+            raise
+        finally:
+            for segment in shared:
+                segment.capsule_refs -= 1
+                if segment.capsule_refs == 0:  # only after a failure: its owners were evicted
+                    self._segments_by_uid.pop(segment.uid, None)
+                    self._drop_pool_copy(segment)
+
+    def _plan_room(self, num_bytes: int, protect: frozenset[str] = frozenset(),
+                   hold: tuple[Segment, ...] = ()) -> tuple[list[Segment], list[str]]:
+        """
+        Return (pool copies to drop, capsule ids to evict) so ``num_bytes`` more fit.
+
+        Changes nothing. Redundant pool copies (also resident in a slot) go first, then
+        unpinned capsules not in ``protect`` in LRU order; segments in ``hold`` count as
+        referenced once more. Raises ``BudgetExceededError`` when that cannot make room.
+        """
+        used = self.used_bytes
+        if used + num_bytes <= self.budget_bytes:
+            return [], []
+        refs = {segment: segment.capsule_refs
+                for capsule in self._capsules.values() for segment in capsule.chain}
+        for segment in hold:
+            refs[segment] = refs.get(segment, segment.capsule_refs) + 1
+        pooled = {segment for segment in refs if segment.data is not None}
+        drops = []
+        for segment in refs:
+            if used + num_bytes <= self.budget_bytes:
+                break
+            if segment in pooled and segment.residences:
+                drops.append(segment)
+                pooled.discard(segment)
+                used -= segment.num_bytes
+        evictions = []
+        for capsule_id, capsule in self._capsules.items():
+            if used + num_bytes <= self.budget_bytes:
+                break
+            if capsule_id in self._pinned or capsule_id in protect:
+                continue
+            evictions.append(capsule_id)
+            used -= capsule.fixed_bytes
+            for segment in capsule.chain:
+                refs[segment] -= 1
+                if refs[segment] == 0 and segment in pooled:
+                    pooled.discard(segment)
+                    used -= segment.num_bytes
+        if used + num_bytes > self.budget_bytes:
+            raise BudgetExceededError(
+                f'the capsule budget ({_mib(self.budget_bytes)}) is full with pinned or '
+                f'protected capsules ({_mib(self.used_bytes)} used, {_mib(num_bytes)} '
+                f'more needed); release or unpin capsules, or raise capsules.budget_bytes')
+        return drops, evictions
+
+    def _apply_room(self, drops: list[Segment], evictions: list[str]) -> None:
+        """Carry out a plan of ``_plan_room``."""
+        for segment in drops:
+            self._drop_pool_copy(segment)
+        for capsule_id in evictions:
+            self.release(capsule_id, kind=EventKind.EVICTED)
 
     def _free_some(self, exclude_segments: set[Segment] = frozenset(),
                    exclude_capsules: frozenset[str] = frozenset()) -> bool:

@@ -30,13 +30,13 @@ from typing import Callable, Iterable
 
 from capsule_ros.runtime import loader, persist
 from capsule_ros.runtime.capsule import (Capsule, CapsuleEvent, CapsuleInfo, CapsuleStore,
-                                         EventKind)
+                                         EventKind, SWAP_PREFIX)
 from capsule_ros.runtime.chat import ChatFormatter, Role, TurnState
 from capsule_ros.runtime.config import PolicyConfig, SamplingConfig
-from capsule_ros.runtime.errors import (BudgetExceededError, check_plain_name,
-                                        ContextFullError, FingerprintMismatchError,
-                                        InvalidArgumentError, SessionBusyError,
-                                        UnknownSessionError)
+from capsule_ros.runtime.errors import (BudgetExceededError, CapsuleRosError,
+                                        check_plain_name, ContextFullError,
+                                        FingerprintMismatchError, InvalidArgumentError,
+                                        SessionBusyError, UnknownSessionError)
 from capsule_ros.runtime.generate import (decode_loop, DecodeRequest, GenerationResult,
                                           StopReason)
 from capsule_ros.runtime.models import registry
@@ -47,10 +47,23 @@ from capsule_ros.runtime.state import BufferSpec, StateKind, StateLayout
 import torch
 
 MAX_BRANCHES = 64
+MAX_OPEN_SESSIONS = 4096  # sessions beyond the slots live in the capsule pool, under its budget
 # meta scalars: [position, turn state, has last logits, sampler top_k, sampler seed]
 SCALAR_POSITION, SCALAR_TURN, SCALAR_HAS_LOGITS, SCALAR_TOP_K, SCALAR_SEED = range(5)
 # sampler floats: [temperature, top_p]
 SAMPLER_TEMPERATURE, SAMPLER_TOP_P = range(2)
+
+
+class PrefillCanceledError(CapsuleRosError):
+    """A prefill stopped between two chunks on cancel; the session keeps what was prefilled."""
+
+    def __init__(self, session_id: str, num_tokens: int, total_tokens: int):
+        """Record how far the prefill got: ``num_tokens`` of ``total_tokens``."""
+        super().__init__(
+            f'prefill of session {session_id!r} canceled after {num_tokens} of {total_tokens} '
+            f'tokens; the session holds those (restore a capsule to undo them)')
+        self.num_tokens = num_tokens
+        self.total_tokens = total_tokens
 
 
 @dataclass(frozen=True)
@@ -73,12 +86,19 @@ class SaveResult:
 
 
 class Session:
-    """One conversation: a slot, a position, its chain of segments, its RNG and defaults."""
+    """
+    One conversation: a position, its chain of segments, its RNG and defaults, and its state.
 
-    def __init__(self, session_id: str, slot: Slot, sampling: SamplingConfig):
+    The state sits in a slot while the session is resident, or in a hidden pinned capsule
+    (``parked``) while it is swapped out: slots are a cache of sessions, not a limit.
+    """
+
+    def __init__(self, session_id: str, slot: Slot | None, sampling: SamplingConfig):
         """Start empty at position 0."""
         self.session_id = session_id
         self.slot = slot
+        self.parked: Capsule | None = None  # the swapped-out state when ``slot`` is None
+        self.last_used = 0  # LRU stamp: the least recently used idle session is swapped out
         self.position = 0
         self.turn = TurnState.IDLE
         self.has_logits = False
@@ -150,6 +170,7 @@ class PolicyEngine:
         self.residency = SlotResidency(self.layout, self.store)
         self._sessions: dict[str, Session] = {}
         self._session_counter = itertools.count()
+        self._use_counter = itertools.count(1)
         self.model_name = files.source
         self.last_latencies: dict[str, float] = {}
         report(f'model ready in {time.monotonic() - started:.1f} s '
@@ -190,7 +211,8 @@ class PolicyEngine:
             self.append(session.session_id, prompt, role=Role.SYSTEM)
         return session.session_id
 
-    def _new_session(self, session_id: str, sampling: SamplingConfig | None) -> Session:
+    def _new_session(self, session_id: str, sampling: SamplingConfig | None,
+                     protect: frozenset[str] = frozenset()) -> Session:
         if session_id:
             check_plain_name(session_id, 'session id')
             if session_id in self._sessions:
@@ -199,15 +221,90 @@ class PolicyEngine:
             session_id = next(candidate for candidate in
                               (f's{index}' for index in self._session_counter)
                               if candidate not in self._sessions)
-        if not self._free_slots:
+        if len(self._sessions) >= MAX_OPEN_SESSIONS:
             raise BudgetExceededError(
-                f'all {self.config.engine.max_sessions} session slots are in use; close a '
-                f'session or raise engine.max_sessions')
-        slot = self._free_slots.pop(0)
-        session = Session(session_id, slot,
+                f'{MAX_OPEN_SESSIONS} sessions are open; close sessions that are done')
+        session = Session(session_id, self._claim_slot(protect=protect),
                           sampling or self.config.generation.sampling())
+        session.last_used = next(self._use_counter)
         self._sessions[session_id] = session
         return session
+
+    # -- virtual sessions: slots are a cache --------------------------------------------------
+
+    def _claim_slot(self, exclude: Session | None = None,
+                    protect: frozenset[str] = frozenset()) -> Slot:
+        """
+        Return a free slot, swapping out the least recently used idle session if needed.
+
+        ``protect``: capsules the caller is about to use, never evicted to make room.
+        """
+        if self._free_slots:
+            return self._free_slots.pop(0)
+        idle = sorted((session for session in self._sessions.values()
+                       if session.slot is not None and session is not exclude
+                       and not session.busy.locked()), key=lambda session: session.last_used)
+        if not idle:
+            raise BudgetExceededError(
+                f'all {self.config.engine.max_sessions} session slots are busy (generating or '
+                f'in another call); wait for one to finish, cancel a generation, or raise '
+                f'engine.max_sessions')
+        victim = idle[0]
+        with self._hold(victim):
+            return self._swap_out(victim, protect)
+
+    def _swap_out(self, session: Session, protect: frozenset[str] = frozenset()) -> Slot:
+        """Park ``session``'s state as a hidden pinned capsule and free its slot."""
+        started = time.perf_counter()
+        parked = self._capture(session, SWAP_PREFIX + session.session_id, label='',
+                               parent_id=session.parent_id)
+        try:
+            self.store.add(parked, pin=True, protect=protect)
+            # copies the KV only this slot holds
+            self.residency.release_slot(session.slot, protect | {parked.capsule_id})
+        except BudgetExceededError as error:
+            if parked.capsule_id in self.store:
+                self.store.discard(parked.capsule_id)
+            raise BudgetExceededError(
+                f'every session slot is in use and the capsule budget cannot hold an idle '
+                f'session swapped out of one ({error}); close sessions that are done or raise '
+                f'capsules.budget_bytes') from None
+        slot, session.slot, session.parked = session.slot, None, parked
+        self.last_latencies['swap_out'] = time.perf_counter() - started
+        return slot
+
+    def _resident(self, session: Session, keep_state: bool = True,
+                  protect: frozenset[str] = frozenset()) -> Slot:
+        """Give ``session`` (held by the caller) a slot; swap its state back in if it is parked."""
+        if session.slot is not None:
+            return session.slot
+        started = time.perf_counter()
+        parked = session.parked
+        slot = self._claim_slot(session, protect | {parked.capsule_id})
+        session.slot = slot
+        try:
+            if keep_state:
+                parent_id = session.parent_id
+                self._enter(session, parked)
+                session.parent_id = parent_id
+        except BaseException:
+            self.residency.release_slot(slot)
+            self._free_slots.append(slot)
+            session.slot = None
+            raise
+        session.parked = None
+        self.store.discard(parked.capsule_id)
+        self.last_latencies['swap_in'] = time.perf_counter() - started
+        return session.slot
+
+    def _state_view(self, session: Session, name: str) -> torch.Tensor:
+        """Return buffer ``name`` of a session wherever it is (slot or parked capsule)."""
+        if session.slot is not None:
+            return session.slot.buffers[name]
+        if name in session.parked.fixed:
+            return session.parked.fixed[name]
+        return torch.cat([segment.read(self.layout)[name] for segment in session.parked.chain],
+                         dim=self.layout.by_name[name].seq_axis)
 
     def close_session(self, session_id: str) -> None:
         """Close a session and free its slot; capsules made in it stay restorable."""
@@ -230,7 +327,9 @@ class PolicyEngine:
         """Return the session's token journal."""
         with self._lock:
             session = self._session(session_id)
-            return session.slot.buffers['tokens'][:session.position].tolist()
+            if not session.position:
+                return []
+            return self._state_view(session, 'tokens')[:session.position].tolist()
 
     def session_logits(self, session_id: str) -> torch.Tensor:
         """Return a copy of the session's last logits [V] (what the next token is sampled from)."""
@@ -238,7 +337,7 @@ class PolicyEngine:
             session = self._session(session_id)
             if not session.has_logits:
                 raise InvalidArgumentError(f'session {session_id!r} is empty')
-            return session.slot.buffers['last_logits'].to(torch.float32, copy=True)
+            return self._state_view(session, 'last_logits').to(torch.float32, copy=True)
 
     def _session(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
@@ -247,18 +346,36 @@ class PolicyEngine:
                 f'no session {session_id!r}; open sessions: {sorted(self._sessions) or "none"}')
         return session
 
-    def _hold(self, session: Session):
+    def _hold(self, session: Session, resident: bool = False):
+        """
+        Take the session's busy lock (callers hold the engine lock) and mark it used.
+
+        With ``resident`` also give it a slot (swapping its state in if it was swapped out).
+        """
         if not session.busy.acquire(blocking=False):
             raise SessionBusyError(
                 f'session {session.session_id!r} is busy (a generation or another operation '
                 f'runs on it); retry when it finishes or cancel the generation')
+        session.last_used = next(self._use_counter)
+        if resident:
+            try:
+                self._resident(session)
+            except BaseException:
+                session.busy.release()
+                raise
         return _Release(session.busy)
 
     # -- forward ----------------------------------------------------------------------------
 
     def _run(self, session: Session, token_ids: list[int],
-             progress: Callable[[int, int], None] | None = None) -> None:
-        """Prefill ``token_ids`` in chunks at the session's position (caller holds session)."""
+             progress: Callable[[int, int], None] | None = None,
+             cancel: threading.Event | None = None) -> None:
+        """
+        Prefill ``token_ids`` in chunks at the session's position (caller holds session).
+
+        ``cancel`` is checked before every chunk: once set, ``PrefillCanceledError`` is raised
+        with the session at the clean boundary after the last whole chunk.
+        """
         if not token_ids:
             return
         vocab_size = self.model_config.vocab_size
@@ -274,6 +391,8 @@ class PolicyEngine:
         chunk = self.config.engine.prefill_chunk
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
         for offset in range(0, len(token_ids), chunk):
+            if cancel is not None and cancel.is_set():
+                raise PrefillCanceledError(session.session_id, offset, len(token_ids))
             piece = ids[offset:offset + chunk]
             start = session.position
             targets = self.residency.write_targets(slot)
@@ -293,18 +412,20 @@ class PolicyEngine:
 
     def append(self, session_id: str, text: str | None = None,
                tokens: Iterable[int] | None = None, role: Role | str = Role.USER,
-               progress: Callable[[int, int], None] | None = None) -> int:
+               progress: Callable[[int, int], None] | None = None,
+               cancel: threading.Event | None = None) -> int:
         """
         Add a message (formatted by the chat template) or raw tokens; returns the count.
 
         ``tokens`` and ``Role.RAW`` text go in verbatim and leave the chat turn state as is.
+        Setting ``cancel`` stops the prefill between chunks (``PrefillCanceledError``).
         """
         role = Role(role)
         if (text is None) == (tokens is None):
             raise InvalidArgumentError('append needs exactly one of text or tokens')
         with self._lock:
             session = self._session(session_id)
-            hold = self._hold(session)
+            hold = self._hold(session, resident=True)
         with hold:
             if tokens is not None:
                 token_ids = [int(token) for token in tokens]
@@ -313,7 +434,7 @@ class PolicyEngine:
                                                    session.turn)
                 token_ids = self.tokenize(formatted)
             started = time.perf_counter()
-            self._run(session, token_ids, progress)
+            self._run(session, token_ids, progress, cancel)
             self.last_latencies['append'] = time.perf_counter() - started
             if tokens is None and role is not Role.RAW:
                 session.turn = TurnState.IDLE
@@ -337,7 +458,7 @@ class PolicyEngine:
         stop = [text for text in stop if text]
         with self._lock:
             session = self._session(session_id)
-            hold = self._hold(session)
+            hold = self._hold(session, resident=True)
         with hold:
             started = time.monotonic()
             if sampling is not None:
@@ -379,23 +500,27 @@ class PolicyEngine:
                 capsule_id = self.store.new_capsule_id(label)
                 self.store.check_fits(self.layout.capsule_bytes(session.position),
                                       f'capsule of {session.position} tokens')
-                chain = session.chain
-                if session.position > session.chain_end:
-                    chain = chain + (self.residency.add_segment(
-                        session.slot, session.chain_end, session.position),)
-                capsule = Capsule(
-                    capsule_id=capsule_id, label=label, session_id=session_id,
-                    parent_id=session.parent_id, position=session.position,
-                    fingerprint=self.fingerprint, created=time.time(), chain=chain,
-                    fixed=self._export_fixed(session), fixed_bytes=self.layout.fixed_bytes())
+                self._resident(session)
+                capsule = self._capture(session, capsule_id, label, session.parent_id)
                 self.store.add(capsule, pin)
-                session.chain = chain
                 session.parent_id = capsule_id
                 latency = time.perf_counter() - started
                 self.last_latencies['snapshot'] = latency
                 self._emit(CapsuleEvent(EventKind.CREATED, capsule_id, session_id,
                                         f'{session.position} tokens', latency))
                 return self.store.info(capsule)
+
+    def _capture(self, session: Session, capsule_id: str, label: str,
+                 parent_id: str) -> Capsule:
+        """Record a resident session's complete state as a capsule; copies no KV."""
+        if session.position > session.chain_end:
+            session.chain = session.chain + (self.residency.add_segment(
+                session.slot, session.chain_end, session.position),)
+        return Capsule(
+            capsule_id=capsule_id, label=label, session_id=session.session_id,
+            parent_id=parent_id, position=session.position, fingerprint=self.fingerprint,
+            created=time.time(), chain=session.chain, fixed=self._export_fixed(session),
+            fixed_bytes=self.layout.fixed_bytes())
 
     def _export_fixed(self, session: Session) -> dict[str, torch.Tensor]:
         buffers = session.slot.buffers
@@ -444,9 +569,12 @@ class PolicyEngine:
             target = session_id or capsule.session_id
             if target not in self._sessions and not session_id:
                 target = ''  # the capsule's session is gone: open a new one
-            session = self._session(target) if target else self._new_session('', None)
+            protect = frozenset([capsule_id])
+            session = (self._session(target) if target
+                       else self._new_session('', None, protect))
             try:
                 with self._hold(session):
+                    self._resident(session, keep_state=False, protect=protect)
                     copied = self._enter(session, capsule)
             except Exception:
                 if not target:
@@ -467,10 +595,14 @@ class PolicyEngine:
         return copied
 
     def _discard_session(self, session: Session) -> None:
-        """Undo ``_new_session`` after a failed restore or branch."""
-        self.residency.release_slot(session.slot)
+        """Forget a session (closed, or a failed restore's or branch's new one)."""
+        if session.slot is not None:
+            self.residency.release_slot(session.slot)
+            self._free_slots.append(session.slot)
+        if session.parked is not None:
+            self.store.discard(session.parked.capsule_id)
+        session.slot = session.parked = None
         self._sessions.pop(session.session_id, None)
-        self._free_slots.append(session.slot)
 
     def _check_fingerprint(self, capsule: Capsule) -> None:
         if capsule.fingerprint != self.fingerprint:
@@ -488,14 +620,13 @@ class PolicyEngine:
         with self._lock:
             capsule = self.store.get(capsule_id)
             self._check_fingerprint(capsule)
-            if num_branches > len(self._free_slots):
-                raise BudgetExceededError(
-                    f'{num_branches} branches need {num_branches} free session slots, '
-                    f'{len(self._free_slots)} are free (engine.max_sessions='
-                    f'{self.config.engine.max_sessions}); close sessions first')
-            children = [self._new_session('', None) for _ in range(num_branches)]
+            # children beyond the free slots swap idle sessions (earlier children too) out
+            protect = frozenset([capsule_id])
+            children = []
             try:
-                for session in children:
+                for _ in range(num_branches):
+                    session = self._new_session('', None, protect)
+                    children.append(session)
                     with self._hold(session):
                         self._enter(session, capsule)
             except Exception:

@@ -128,9 +128,9 @@ class SlotResidency:
             copied += segment.num_bytes
         return copied
 
-    def release_slot(self, slot: Slot) -> None:
+    def release_slot(self, slot: Slot, protect: frozenset[str] = frozenset()) -> None:
         """Forget everything ``slot`` holds (it is about to be reused from position 0)."""
-        self.prepare_write(slot, 0)
+        self.prepare_write(slot, 0, protect)
 
     # -- overwritten state ----------------------------------------------------------------
 

@@ -94,8 +94,9 @@ def capsule_program_machine():
     Set ``Machine.engine`` before running it. Every session and capsule carries the list of
     operations that built it; after each step the touched session is checked against a fresh
     session replaying those operations (journal equal, last logits bitwise equal), the store's
-    byte count against the budget, and evictions may only hit unpinned capsules. Needs two
-    free slots beyond the three sessions the machine opens.
+    byte count against the budget, and evictions may only hit unpinned capsules. It opens up
+    to ``Machine.max_open`` sessions plus the replay; an engine with fewer slots swaps idle
+    sessions out and back in (virtual sessions), which the replay checks as well.
     """
     from hypothesis import strategies as st
     from hypothesis.stateful import (initialize, invariant, precondition, rule,
@@ -112,6 +113,7 @@ def capsule_program_machine():
         """Drives one engine; the reference is a replay in a spare slot."""
 
         engine = None  # set by the test (one engine for all examples: loading is the slow part)
+        max_open = 3  # sessions open at once (more than the engine's slots: virtual sessions)
 
         @initialize()
         def reset(self):
@@ -162,7 +164,7 @@ def capsule_program_machine():
 
         # -- rules ----------------------------------------------------------------------------
 
-        @precondition(lambda self: len(self.histories) < 3)
+        @precondition(lambda self: len(self.histories) < self.max_open)
         @rule()
         def create(self):
             session = self.engine.create_session(sampling=sampling, system_prompt=False)
@@ -220,7 +222,7 @@ def capsule_program_machine():
             # the capsule's own session (a new one if it was closed and a slot is free)
             capsule_id = data.draw(st.sampled_from(sorted(self.capsules)))
             own = self.engine.capsule(capsule_id).session_id
-            if own not in self.histories and len(self.histories) >= 3:
+            if own not in self.histories and len(self.histories) >= self.max_open:
                 return
             self._restore(capsule_id, '')
 
@@ -230,11 +232,11 @@ def capsule_program_machine():
             capsule_id = data.draw(st.sampled_from(sorted(self.capsules)))
             self._restore(capsule_id, data.draw(st.sampled_from(sorted(self.histories))))
 
-        @precondition(lambda self: self.capsules and len(self.histories) < 3)
+        @precondition(lambda self: self.capsules and len(self.histories) < self.max_open)
         @rule(data=st.data())
         def branch_capsule(self, data):
             capsule_id = data.draw(st.sampled_from(sorted(self.capsules)))
-            count = data.draw(st.integers(1, 3 - len(self.histories)))
+            count = data.draw(st.integers(1, self.max_open - len(self.histories)))
             children = self.engine.branch(capsule_id, count)
             for child in children:
                 self.histories[child] = list(self.capsules[capsule_id][0])
@@ -278,8 +280,9 @@ def capsule_program_machine():
         def within_budget_and_accounted(self):
             store = self.engine.store
             assert store.used_bytes <= store.budget_bytes
-            counted = sum(capsule.fixed_bytes for capsule in store.capsules())
-            segments = {segment for capsule in store.capsules() for segment in capsule.chain}
+            every = store.capsules(include_hidden=True)  # swapped-out sessions count too
+            counted = sum(capsule.fixed_bytes for capsule in every)
+            segments = {segment for capsule in every for segment in capsule.chain}
             counted += sum(segment.num_bytes for segment in segments if segment.data is not None)
             assert counted == store.used_bytes
             for segment in segments:  # every live segment's bytes exist somewhere
@@ -289,12 +292,13 @@ def capsule_program_machine():
     return CapsuleMachine
 
 
-def run_capsule_programs(engine, max_examples: int, steps: int) -> None:
+def run_capsule_programs(engine, max_examples: int, steps: int, max_open: int = 3) -> None:
     """Run ``max_examples`` random capsule programs of ``steps`` steps on ``engine``."""
     from hypothesis import HealthCheck, settings
 
     machine = capsule_program_machine()
     machine.engine = engine
+    machine.max_open = max_open
     engine.config.capsules.directory().mkdir(parents=True, exist_ok=True)
     machine_test = machine.TestCase
     machine_test.settings = settings(

@@ -297,19 +297,84 @@ def test_branch_children_inherit_the_sampler_settings(tiny_engine):
     assert engine.generate(child, 6).token_ids == engine.generate(reference, 6).token_ids
 
 
-def test_session_slots_are_a_budget(tiny_engine):
-    """Running out of slots is BUDGET_EXCEEDED, for new sessions and for branches alike."""
-    engine = tiny_engine
-    sessions = [engine.create_session() for _ in range(engine.config.engine.max_sessions)]
-    engine.append(sessions[0], 'x')
-    engine.snapshot(sessions[0], 'full')
-    with pytest.raises(BudgetExceededError, match='slots'):
-        engine.create_session()
-    with pytest.raises(BudgetExceededError, match='free session slots'):
-        engine.branch('full', 1)
-    engine.close_session(sessions[1])
-    assert len(engine.branch('full', 1)) == 1
+def test_slots_are_a_cache_of_sessions(tiny_model_dir, tmp_path):
+    """Two slots hold ten open sessions; each continues exactly, used again in any order."""
+    engine = make_engine(tiny_model_dir, tmp_path, engine={'max_sessions': 2})
+    prompts = [f'Robot {index}: go to shelf {index} and wait there.' for index in range(10)]
+    sessions = []
+    for prompt in prompts:
+        sessions.append(engine.create_session())
+        engine.append(sessions[-1], prompt)
+    assert len(engine.sessions()) == 10
+    order = [7, 2, 9, 0, 5, 1, 8, 3, 6, 4, 2, 7, 0]
+    visits = {index: [] for index in range(10)}
+    for index in order:  # every use swaps the least recently used idle session out
+        visits[index].append(engine.generate(sessions[index], 4).token_ids)
+    assert engine.last_latencies['swap_out'] > 0 and engine.last_latencies['swap_in'] > 0
+    reference = make_engine(tiny_model_dir, tmp_path / 'reference')  # 4 slots, no swapping
+    for index, prompt in enumerate(prompts):
+        uninterrupted = reference.create_session()
+        reference.append(uninterrupted, prompt)
+        for tokens in visits[index]:
+            assert reference.generate(uninterrupted, 4).token_ids == tokens
+        assert reference.session_tokens(uninterrupted) == engine.session_tokens(sessions[index])
+        assert torch.equal(reference.session_logits(uninterrupted),
+                           engine.session_logits(sessions[index]))
+        reference.close_session(uninterrupted)
+    engine.snapshot(sessions[4], 'four')  # capsule verbs on swapped-out sessions
+    assert len(engine.branch('four', 3)) == 3
+    engine.restore('four', sessions[9])
+    assert engine.session_tokens(sessions[9]) == engine.session_tokens(sessions[4])
+    for session in engine.sessions():  # the ten and the three children
+        engine.close_session(session)
+    assert engine.store.capsules(include_hidden=True) == [engine.capsule('four')]
+    assert engine.store.used_bytes == engine.capsule('four').fixed_bytes + sum(
+        segment.num_bytes for segment in engine.capsule('four').chain
+        if segment.data is not None)
 
+
+def test_all_slots_in_use_only_when_every_slot_is_generating(tiny_model_dir, tmp_path):
+    engine = make_engine(tiny_model_dir, tmp_path, engine={'max_sessions': 2})
+    generating = [engine.create_session() for _ in range(2)]
+    idle = engine.create_session()  # a third session: the LRU idle one is swapped out
+    cancel = threading.Event()
+    started = [threading.Event() for _ in generating]
+    threads = [threading.Thread(target=engine.generate, args=(session, 200), kwargs={
+        'on_token': lambda token, delta, event=event: event.set(), 'cancel': cancel})
+        for session, event in zip(generating, started)]
+    for session in generating:
+        engine.append(session, 'Count to a thousand.')
+    for thread in threads:
+        thread.start()
+    try:
+        assert all(event.wait(30) for event in started)
+        with pytest.raises(BudgetExceededError, match='busy'):
+            engine.create_session()
+        with pytest.raises(BudgetExceededError, match='busy'):
+            engine.append(idle, 'hello')  # swapped out, and no slot can be freed
+    finally:
+        cancel.set()
+        for thread in threads:
+            thread.join(30)
+    engine.append(idle, 'hello')  # a slot is idle again
+    assert len(engine.sessions()) == 3
+
+
+def test_swap_refused_by_the_budget_loses_nothing(tiny_model_dir, tmp_path):
+    engine = make_engine(tiny_model_dir, tmp_path, engine={'max_sessions': 2},
+                         capsules={'budget_bytes': 150_000})  # < one session's state
+    sessions = [engine.create_session() for _ in range(2)]
+    for session in sessions:
+        engine.append(session, 'A long enough briefing about the warehouse, its aisles and '
+                               'its shelves, so that the state is larger than the budget.')
+    before = {session: (engine.session_tokens(session), engine.session_logits(session))
+              for session in sessions}
+    with pytest.raises(BudgetExceededError, match='budget'):
+        engine.create_session()
+    assert engine.sessions() == sessions and engine.store.used_bytes == 0
+    for session in sessions:
+        assert engine.session_tokens(session) == before[session][0]
+        assert torch.equal(engine.session_logits(session), before[session][1])
 
 def test_cancel_stops_before_the_next_token_at_a_clean_boundary(tiny_engine):
     """A cancel set while token k streams ends the generation with exactly k tokens."""
