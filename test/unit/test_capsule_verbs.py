@@ -376,6 +376,7 @@ def test_swap_refused_by_the_budget_loses_nothing(tiny_model_dir, tmp_path):
         assert engine.session_tokens(session) == before[session][0]
         assert torch.equal(engine.session_logits(session), before[session][1])
 
+
 def test_cancel_stops_before_the_next_token_at_a_clean_boundary(tiny_engine):
     """A cancel set while token k streams ends the generation with exactly k tokens."""
     engine = tiny_engine
