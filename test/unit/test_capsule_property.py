@@ -29,3 +29,10 @@ def test_random_capsule_programs_match_replay(tiny_model_dir, tmp_path, budget_b
     """Hundreds of random programs, with a tight budget (evictions) and a roomy one."""
     engine = make_engine(tiny_model_dir, tmp_path, capsules={'budget_bytes': budget_bytes})
     run_capsule_programs(engine, max_examples=200, steps=30)
+
+
+def test_random_programs_with_more_sessions_than_slots(tiny_model_dir, tmp_path):
+    """Four open sessions and the replay on two slots: sessions swap out and in all the time."""
+    engine = make_engine(tiny_model_dir, tmp_path, engine={'max_sessions': 2},
+                         capsules={'budget_bytes': 64 << 20})
+    run_capsule_programs(engine, max_examples=100, steps=30, max_open=4)

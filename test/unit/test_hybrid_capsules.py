@@ -264,9 +264,14 @@ def test_unsupported_model_type_is_refused_naming_the_supported_ones(tmp_path):
     assert 'llama' in message
 
 
-@pytest.mark.parametrize('budget_bytes', [3 << 20, 256 << 20])
-def test_random_capsule_programs_match_replay(hybrid_dir, tmp_path, budget_bytes):
-    """Random programs over a hybrid: a tight budget (evictions, copy-on-write) and a roomy one."""
+@pytest.mark.parametrize('budget_bytes, slots', [(3 << 20, 5), (256 << 20, 2)])
+def test_random_capsule_programs_match_replay(hybrid_dir, tmp_path, budget_bytes, slots):
+    """
+    Random programs over a hybrid.
+
+    A tight budget (evictions, copy-on-write), and a roomy one with four open sessions on two
+    slots (sessions swapped out and in, conv and recurrent state with them).
+    """
     engine = make_engine(hybrid_dir, tmp_path, capsules={'budget_bytes': budget_bytes},
-                         engine={'max_sessions': 5})
-    run_capsule_programs(engine, max_examples=40, steps=25)
+                         engine={'max_sessions': slots})
+    run_capsule_programs(engine, max_examples=40, steps=25, max_open=3 if slots > 2 else 4)
