@@ -27,6 +27,7 @@ from pathlib import Path
 import threading
 import time
 from typing import Callable, Iterable
+import uuid
 
 from capsule_ros.runtime import loader, persist
 from capsule_ros.runtime.capsule import (Capsule, CapsuleEvent, CapsuleInfo, CapsuleStore,
@@ -35,8 +36,9 @@ from capsule_ros.runtime.chat import ChatFormatter, Role, TurnState
 from capsule_ros.runtime.config import PolicyConfig, SamplingConfig
 from capsule_ros.runtime.errors import (BudgetExceededError, CapsuleRosError,
                                         check_plain_name, ContextFullError,
-                                        FingerprintMismatchError, InvalidArgumentError,
-                                        SessionBusyError, UnknownSessionError)
+                                        CorruptCapsuleError, FingerprintMismatchError,
+                                        InvalidArgumentError, SessionBusyError,
+                                        UnknownSessionError)
 from capsule_ros.runtime.generate import (decode_loop, DecodeRequest, GenerationResult,
                                           StopReason)
 from capsule_ros.runtime.models import registry
@@ -99,6 +101,9 @@ class Session:
         self.slot = slot
         self.parked: Capsule | None = None  # the swapped-out state when ``slot`` is None
         self.last_used = 0  # LRU stamp: the least recently used idle session is swapped out
+        # ids repeat (s0 in every process, a name reused after close): what a saved capsule
+        # records as its session's identity is this, so a load never claims another session
+        self.incarnation = uuid.uuid4().hex
         self.position = 0
         self.turn = TurnState.IDLE
         self.has_logits = False
@@ -172,6 +177,10 @@ class PolicyEngine:
         self._session_counter = itertools.count()
         self._use_counter = itertools.count(1)
         self.model_name = files.source
+        swept = persist.sweep(self.config.capsules.directory())  # what crashed saves left
+        if swept:
+            report(f'removed {len(swept)} leftover(s) of interrupted saves from the capsule '
+                   f'directory')
         self.last_latencies: dict[str, float] = {}
         report(f'model ready in {time.monotonic() - started:.1f} s '
                f'({self.model.weights_format}, fingerprint {self.fingerprint})')
@@ -203,12 +212,23 @@ class PolicyEngine:
 
     def create_session(self, session_id: str = '', sampling: SamplingConfig | None = None,
                        system_prompt: bool = True) -> str:
-        """Open a session in a free slot; prefill the configured system prompt if any."""
+        """
+        Open a session in a free slot; prefill the configured system prompt if any.
+
+        All or nothing: if the prefill fails (a prompt longer than the slots, a busy engine),
+        the session is closed again and the error raised.
+        """
         with self._lock:
             session = self._new_session(session_id, sampling)
         prompt = self.config.engine.system_prompt
         if prompt and system_prompt:
-            self.append(session.session_id, prompt, role=Role.SYSTEM)
+            try:
+                self.append(session.session_id, prompt, role=Role.SYSTEM)
+            except BaseException:
+                with self._lock:
+                    if self._sessions.get(session.session_id) is session:
+                        self._discard_session(session)
+                raise
         return session.session_id
 
     def _new_session(self, session_id: str, sampling: SamplingConfig | None,
@@ -657,7 +677,12 @@ class PolicyEngine:
                     if not session_id or capsule.session_id == session_id]
 
     def save(self, capsule_id: str, name: str = '') -> SaveResult:
-        """Write a capsule (whole prefix included) to the capsule directory."""
+        """
+        Write a capsule (whole prefix included) to the capsule directory.
+
+        The name switches from its previous version to the new one in one atomic step; any
+        write failure is ``CapsuleIOError`` and leaves the previous version in place.
+        """
         started = time.perf_counter()
         name = name or capsule_id
         directory = self.config.capsules.directory()
@@ -669,12 +694,15 @@ class PolicyEngine:
                          {key: value.clone() for key, value in
                           segment.read(self.layout).items()})
                         for segment in capsule.chain]
+            owner = self._sessions.get(capsule.session_id)
+            incarnation = owner.incarnation if owner is not None else ''
         manifest = {'capsule_id': capsule.capsule_id, 'label': capsule.label,
-                    'session_id': capsule.session_id, 'parent_id': capsule.parent_id,
-                    'position': capsule.position, 'fingerprint': capsule.fingerprint,
-                    'created': capsule.created, 'model': self.model_name,
-                    'layout': [[spec.name, spec.kind.value, str(spec.dtype)]
-                               for spec in self.layout.specs]}
+                    'session_id': capsule.session_id, 'session_incarnation': incarnation,
+                    'parent_id': capsule.parent_id, 'position': capsule.position,
+                    'fingerprint': capsule.fingerprint, 'created': capsule.created,
+                    'model': self.model_name,
+                    'layout': persist.layout_description(self.layout)}
+        persist.sweep(directory)
         path, written = persist.write_capsule(directory, name, manifest, capsule.fixed,
                                               segments)
         latency = time.perf_counter() - started
@@ -684,50 +712,73 @@ class PolicyEngine:
         return SaveResult(str(path), written, latency)
 
     def load(self, name: str) -> CapsuleInfo:
-        """Load a saved capsule into memory under the id ``name`` (verified first)."""
+        """
+        Load a saved capsule into memory under the id ``name`` (verified first).
+
+        All or nothing: every check (file, session state, id, fingerprint, budget, shared
+        segments) passes before anything is evicted or charged. The capsule belongs to a live
+        session only if it was saved from that very session of this engine; otherwise its
+        ``session_id`` is empty and a restore without a session id opens a new one.
+        """
         started = time.perf_counter()
         directory = self.config.capsules.directory()
-        max_payload = self.layout.capsule_bytes(self.max_seq_len) + (1 << 20)
         saved = persist.read_capsule(directory, name, self.layout, self.fingerprint,
-                                     self.max_seq_len, self.model_config.vocab_size,
-                                     max_payload)
+                                     self.max_seq_len, self.model_config.vocab_size)
         manifest = saved.manifest
+        position = manifest['position']
+        scalars = saved.fixed['scalars'].tolist()
+        sampler = saved.fixed['sampler'].tolist()
+        try:
+            if scalars[SCALAR_POSITION] != position:
+                raise ValueError(f'its state says position {scalars[SCALAR_POSITION]}, its '
+                                 f'manifest and data {position}')
+            TurnState(scalars[SCALAR_TURN])
+            if scalars[SCALAR_HAS_LOGITS] != int(position > 0):
+                raise ValueError(f'has-logits flag {scalars[SCALAR_HAS_LOGITS]} at position '
+                                 f'{position}')
+            SamplingConfig(temperature=sampler[SAMPLER_TEMPERATURE], top_k=scalars[SCALAR_TOP_K],
+                           top_p=sampler[SAMPLER_TOP_P], seed=scalars[SCALAR_SEED])
+            new_generator(0).set_state(saved.fixed['rng_state'])
+        except (ValueError, RuntimeError) as error:
+            raise CorruptCapsuleError(
+                f'capsule {name!r}: inconsistent session state ({error})') from None
+        # on the device before the lock: a failure here (device memory) changes nothing
+        fixed = {key: value.to(self.device) for key, value in saved.fixed.items()}
+        segments = [(segment_manifest, {key: value.to(self.device)
+                                        for key, value in tensors.items()})
+                    for segment_manifest, tensors in saved.segments]
         with self._lock:
             capsule_id = self.store.new_capsule_id(name)
-            self.store.check_fits(self.layout.capsule_bytes(manifest['position']),
-                                  f'capsule {name!r}')
+            self.store.check_fits(self.layout.capsule_bytes(position), f'capsule {name!r}')
             chain = []
             fresh = []
-            for segment_manifest, tensors in saved.segments:
-                start, end = segment_manifest['start'], segment_manifest['end']
-                live = self.store.segment_by_uid(segment_manifest['uid'])
-                if live is not None and (live.start, live.end) == (start, end):
-                    chain.append(live)  # shared with a capsule already in memory
+            for segment_manifest, tensors in segments:
+                uid, start, end = (segment_manifest['uid'], segment_manifest['start'],
+                                   segment_manifest['end'])
+                live = self.store.segment_by_uid(uid)
+                if live is None:
+                    segment = Segment(start, end, self.layout.sequence_bytes(end - start), uid)
+                    fresh.append((segment, tensors))
+                    chain.append(segment)
                     continue
-                segment = Segment(start, end, self.layout.sequence_bytes(end - start),
-                                  segment_manifest['uid'])
-                fresh.append((segment, tensors))
-                chain.append(segment)
-            shared = [segment for segment in chain if segment.capsule_refs]
-            for segment in shared:  # keep shared segments alive while making room
-                segment.capsule_refs += 1
-            try:
-                self.store.make_room(sum(segment.num_bytes for segment, _ in fresh)
-                                     + self.layout.fixed_bytes())
-            finally:
-                for segment in shared:
-                    segment.capsule_refs -= 1
-            for segment, tensors in fresh:
-                self.store.charge(segment, {key: value.to(self.device)
-                                            for key, value in tensors.items()})
+                # shared with a capsule already in memory: the same uid is the same bytes
+                stored = live.read(self.layout)
+                if (live.start, live.end) != (start, end) or not all(
+                        torch.equal(stored[key], value) for key, value in tensors.items()):
+                    raise CorruptCapsuleError(
+                        f'capsule {name!r}: segment {uid} is in memory with other contents '
+                        f'(a forged file, or one pieced together from different saves)')
+                chain.append(live)
+            owner = self._sessions.get(manifest['session_id'])
+            same_session = (owner is not None and manifest['session_incarnation']
+                            == owner.incarnation)
             capsule = Capsule(
                 capsule_id=capsule_id, label=manifest['label'],
-                session_id=manifest['session_id'], parent_id=manifest['parent_id'],
-                position=manifest['position'], fingerprint=manifest['fingerprint'],
-                created=manifest['created'], chain=tuple(chain),
-                fixed={key: value.to(self.device) for key, value in saved.fixed.items()},
-                fixed_bytes=self.layout.fixed_bytes())
-            self.store.add(capsule, pin=False)
+                session_id=manifest['session_id'] if same_session else '',
+                parent_id=manifest['parent_id'], position=position,
+                fingerprint=manifest['fingerprint'], created=manifest['created'],
+                chain=tuple(chain), fixed=fixed, fixed_bytes=self.layout.fixed_bytes())
+            self.store.add_loaded(capsule, fresh)
             latency = time.perf_counter() - started
             self.last_latencies['load'] = latency
             self._emit(CapsuleEvent(EventKind.LOADED, capsule_id, capsule.session_id,
@@ -735,8 +786,10 @@ class PolicyEngine:
             return self.store.info(capsule)
 
     def saved_capsules(self) -> list[str]:
-        """Names of capsules saved in the capsule directory."""
-        return persist.list_saved(self.config.capsules.directory())
+        """Names of capsules saved in the capsule directory that could load."""
+        directory = self.config.capsules.directory()
+        persist.sweep(directory)  # what interrupted saves (of any process) left behind
+        return persist.list_saved(directory)
 
     def capsule(self, capsule_id: str) -> Capsule:
         """Return the live capsule record (for persistence and tests)."""
