@@ -20,6 +20,7 @@ demo: build
 bench:
 	@scripts/bootstrap.sh bench
 	@scripts/env.sh python bench/run_all.py
+	@scripts/env.sh python bench/hybrids.py
 
 clean:
 	rm -rf build install log .stamps
