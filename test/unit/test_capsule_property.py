@@ -35,4 +35,4 @@ def test_random_programs_with_more_sessions_than_slots(tiny_model_dir, tmp_path)
     """Four open sessions and the replay on two slots: sessions swap out and in all the time."""
     engine = make_engine(tiny_model_dir, tmp_path, engine={'max_sessions': 2},
                          capsules={'budget_bytes': 64 << 20})
-    run_capsule_programs(engine, max_examples=100, steps=30, max_open=4)
+    run_capsule_programs(engine, max_examples=60, steps=30, max_open=4)

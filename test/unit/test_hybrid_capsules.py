@@ -274,4 +274,4 @@ def test_random_capsule_programs_match_replay(hybrid_dir, tmp_path, budget_bytes
     """
     engine = make_engine(hybrid_dir, tmp_path, capsules={'budget_bytes': budget_bytes},
                          engine={'max_sessions': slots})
-    run_capsule_programs(engine, max_examples=40, steps=25, max_open=3 if slots > 2 else 4)
+    run_capsule_programs(engine, max_examples=25, steps=25, max_open=3 if slots > 2 else 4)
