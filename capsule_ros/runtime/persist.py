@@ -199,7 +199,11 @@ def write_capsule(directory: Path, name: str, manifest: dict,
 
 def _new_version(root: int, name: str) -> tuple[str, int]:
     """Create and lock an empty version directory; returns (its name, its locked fd)."""
-    for _ in range(3):
+    # a sweep (a list or save of another thread or process) may take a version between its
+    # mkdir and its flock; on a loaded machine that can happen several times in a row
+    for attempt in range(100):
+        if attempt:
+            time.sleep(0.001 * min(attempt, 20))
         version = f'.{name}.v-{uuid.uuid4().hex}'
         os.mkdir(version, 0o755, dir_fd=root)
         try:

@@ -33,9 +33,9 @@ RESPONSES = [
 
 def test_every_service_of_the_package_is_checked():
     """A new .srv cannot slip past the error-scheme check below."""
-    services = {name for name in dir(srv) if not name.startswith('_')
-                and hasattr(getattr(srv, name), 'Response')}
-    assert services == {response.__qualname__.split('.')[0] for response in RESPONSES
+    services = {getattr(srv, name).Response for name in dir(srv)
+                if not name.startswith('_') and hasattr(getattr(srv, name), 'Response')}
+    assert services == {response for response in RESPONSES
                         if response.__module__.startswith('capsule_ros.srv')}
 
 
