@@ -15,7 +15,7 @@
 Launch the capsule_ros policy node as a managed (lifecycle) node.
 
 ros2 launch capsule_ros policy.launch.py [params_file:=...] [namespace:=...]
-    [model_path:=...] [backend:=torch|onnxruntime|tensorrt] [autostart:=true|false]
+    [model_path:=...] [backend:=torch] [autostart:=true|false]
 
 With autostart (the default) the launch system configures the node as soon as it starts and
 activates it once it is inactive, through the node's lifecycle services.
@@ -52,8 +52,9 @@ def generate_launch_description():
             'model_path', default_value='',
             description="model file; '' = the bundled SmolLM2-135M-Instruct"),
         DeclareLaunchArgument(
-            'backend', default_value='torch',
-            description='inference backend: torch, onnxruntime or tensorrt'),
+            # the kinds backend.kind accepts (capsule_ros/runtime/config.py BACKEND_KINDS)
+            'backend', default_value='torch', choices=['torch'],
+            description='inference backend'),
         DeclareLaunchArgument(
             'autostart', default_value='true',
             description='configure and activate the node once it is up'),

@@ -173,10 +173,6 @@ class CapsuleStore:
         return tuple(capsule.capsule_id for capsule in self.capsules()
                      if capsule.parent_id == capsule_id)
 
-    def is_pinned(self, capsule_id: str) -> bool:
-        """Whether the capsule is pinned (never evicted)."""
-        return capsule_id in self._pinned
-
     def info(self, capsule: Capsule) -> CapsuleInfo:
         """Describe a capsule for clients."""
         resident = all(segment.residences for segment in capsule.chain)

@@ -76,7 +76,7 @@ class EngineConfig:
 
     max_seq_len: int = 8192
     max_sessions: int = 4
-    prefill_chunk: int = 2048
+    prefill_chunk: int = 512
     system_prompt: str = ''
 
     def __post_init__(self):
@@ -92,7 +92,8 @@ class CapsuleConfig:
     """Capsule storage: the in-memory byte budget and the directory for save/load."""
 
     budget_bytes: int = 2 << 30
-    dir: str = ''  # noqa: A003 (the YAML parameter is capsules.dir)
+    # saved capsules outlive restarts: not under a cache directory ('' = the cache's capsules/)
+    dir: str = '~/.ros/capsule_ros/capsules'  # noqa: A003 (the YAML parameter is capsules.dir)
 
     def __post_init__(self):
         """Validate."""
@@ -100,7 +101,7 @@ class CapsuleConfig:
                  f'must be in (0, {MAX_BUDGET_BYTES}]')
 
     def directory(self) -> Path:
-        """Return where capsules are saved (default ``~/.cache/capsule_ros/capsules``)."""
+        """Return where capsules are saved (``''``: ``~/.cache/capsule_ros/capsules``)."""
         from capsule_ros.runtime.loader import default_cache_dir
         return Path(self.dir).expanduser() if self.dir else default_cache_dir() / 'capsules'
 
@@ -133,11 +134,11 @@ class SamplingConfig:
 class GenerationConfig:
     """Defaults for the Generate action."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = 256
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int = 0
+    seed: int = -1
 
     def __post_init__(self):
         """Validate."""

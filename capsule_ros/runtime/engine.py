@@ -20,7 +20,7 @@ lock: an operation on a session that another operation holds fails fast with
 ``SessionBusyError``; other sessions are not blocked.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import hashlib
 import itertools
 from pathlib import Path
@@ -34,11 +34,11 @@ from capsule_ros.runtime.capsule import (Capsule, CapsuleEvent, CapsuleInfo, Cap
                                          EventKind, SWAP_PREFIX)
 from capsule_ros.runtime.chat import ChatFormatter, Role, TurnState
 from capsule_ros.runtime.config import PolicyConfig, SamplingConfig
-from capsule_ros.runtime.errors import (BudgetExceededError, CapsuleRosError,
+from capsule_ros.runtime.errors import (BudgetExceededError,
                                         check_plain_name, ContextFullError,
-                                        CorruptCapsuleError, FingerprintMismatchError,
-                                        InvalidArgumentError, SessionBusyError,
-                                        UnknownSessionError)
+                                        CorruptCapsuleError,
+                                        InvalidArgumentError, PrefillCanceledError,
+                                        SessionBusyError, UnknownSessionError)
 from capsule_ros.runtime.generate import (decode_loop, DecodeRequest, GenerationResult,
                                           StopReason)
 from capsule_ros.runtime.models import registry
@@ -54,18 +54,6 @@ MAX_OPEN_SESSIONS = 4096  # sessions beyond the slots live in the capsule pool, 
 SCALAR_POSITION, SCALAR_TURN, SCALAR_HAS_LOGITS, SCALAR_TOP_K, SCALAR_SEED = range(5)
 # sampler floats: [temperature, top_p]
 SAMPLER_TEMPERATURE, SAMPLER_TOP_P = range(2)
-
-
-class PrefillCanceledError(CapsuleRosError):
-    """A prefill stopped between two chunks on cancel; the session keeps what was prefilled."""
-
-    def __init__(self, session_id: str, num_tokens: int, total_tokens: int):
-        """Record how far the prefill got: ``num_tokens`` of ``total_tokens``."""
-        super().__init__(
-            f'prefill of session {session_id!r} canceled after {num_tokens} of {total_tokens} '
-            f'tokens; the session holds those (restore a capsule to undo them)')
-        self.num_tokens = num_tokens
-        self.total_tokens = total_tokens
 
 
 @dataclass(frozen=True)
@@ -505,7 +493,7 @@ class PolicyEngine:
                 session.turn = TurnState.ASSISTANT_ENDED
             self.last_latencies['generate'] = result.elapsed_s
             self.last_latencies['first_token'] = result.first_token_s
-            return result
+            return replace(result, header_tokens=len(header))
 
     # -- capsule verbs ----------------------------------------------------------------------
 
@@ -585,7 +573,6 @@ class PolicyEngine:
         started = time.perf_counter()
         with self._lock:
             capsule = self.store.get(capsule_id)
-            self._check_fingerprint(capsule)
             target = session_id or capsule.session_id
             if target not in self._sessions and not session_id:
                 target = ''  # the capsule's session is gone: open a new one
@@ -624,13 +611,6 @@ class PolicyEngine:
         session.slot = session.parked = None
         self._sessions.pop(session.session_id, None)
 
-    def _check_fingerprint(self, capsule: Capsule) -> None:
-        if capsule.fingerprint != self.fingerprint:
-            raise FingerprintMismatchError(
-                f'capsule {capsule.capsule_id!r} was made by model fingerprint '
-                f'{capsule.fingerprint}, this engine is {self.fingerprint}; restore it into '
-                f'the same model, dtype, backend and state layout')
-
     def branch(self, capsule_id: str, num_branches: int) -> list[str]:
         """Open ``num_branches`` new sessions, each continuing from the capsule."""
         started = time.perf_counter()
@@ -639,7 +619,6 @@ class PolicyEngine:
                                        f'[1, {MAX_BRANCHES}]')
         with self._lock:
             capsule = self.store.get(capsule_id)
-            self._check_fingerprint(capsule)
             # children beyond the free slots swap idle sessions (earlier children too) out
             protect = frozenset([capsule_id])
             children = []
@@ -664,11 +643,6 @@ class PolicyEngine:
         """Drop a capsule; returns the bytes freed."""
         with self._lock:
             return self.store.release(capsule_id)
-
-    def pin(self, capsule_id: str, pinned: bool = True) -> None:
-        """Pin (exempt from eviction) or unpin a capsule."""
-        with self._lock:
-            self.store.set_pinned(capsule_id, pinned)
 
     def list_capsules(self, session_id: str = '') -> list[CapsuleInfo]:
         """Describe live capsules (optionally of one session), oldest use first."""

@@ -93,3 +93,15 @@ def check_plain_name(name: str, what: str) -> str:
             f'{what} {name!r} must be 1-128 characters of letters, digits, ".", "_" or "-", '
             f'start with a letter or digit, and not contain ".." or "/"')
     return name
+
+
+class PrefillCanceledError(CapsuleRosError):
+    """A prefill stopped between two chunks on cancel; the session keeps what was prefilled."""
+
+    def __init__(self, session_id: str, num_tokens: int, total_tokens: int):
+        """Record how far the prefill got: ``num_tokens`` of ``total_tokens``."""
+        super().__init__(
+            f'prefill of session {session_id!r} canceled after {num_tokens} of {total_tokens} '
+            f'tokens; the session holds those (restore a capsule to undo them)')
+        self.num_tokens = num_tokens
+        self.total_tokens = total_tokens

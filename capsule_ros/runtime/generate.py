@@ -43,6 +43,7 @@ class GenerationResult:
     stop_reason: StopReason
     first_token_s: float
     elapsed_s: float
+    header_tokens: int = 0  # the reply header prefilled before the first token (template)
 
     @property
     def tokens_per_second(self) -> float:

@@ -321,13 +321,16 @@ def test_save_load_and_damaged_files(client, node):
 def test_generate_streams_feedback_and_honours_stop_strings(client):
     """Feedback carries every token; TTFT and rate are reported; stop strings cut the text."""
     session_id = new_session(client).session_id
-    ok(client.snapshot(session_id, label='before-reply'))
+    before = ok(client.snapshot(session_id, label='before-reply')).capsule
     feedback = []
     result = ok(generate(client, session_id=session_id, max_new_tokens=8,
                          on_feedback=feedback.append, snapshot_after=True,
                          label='after-reply', pin=True))
     assert result.session_id == session_id
-    assert result.prompt_tokens == 0  # no prompt: the session continues as it is
+    # no prompt: only the template's reply header is prefilled, and prompt_tokens counts it
+    assert result.prompt_tokens > 0
+    assert result.capsule.position == (before.position + result.prompt_tokens
+                                       + result.generated_tokens)
     assert result.generated_tokens == len(result.token_ids) > 0
     streamed = [token for message in feedback for token in message.token_ids]
     assert result.stop_reason in (Generate.Result.STOP_EOS, Generate.Result.STOP_MAX_TOKENS)
@@ -353,9 +356,14 @@ def test_generate_streams_feedback_and_honours_stop_strings(client):
 
 def test_generate_with_a_prompt_opens_a_session(client):
     """An empty session_id opens a new session; prompt tokens are counted."""
-    result = ok(generate(client, prompt='Which shelf holds the toolbox?', max_new_tokens=3))
+    result = ok(generate(client, prompt='Which shelf holds the toolbox?', max_new_tokens=3,
+                         snapshot_after=True))
     assert result.session_id in ok(client.list_capsules()).sessions
+    # every token in the session is a prompt token (template and reply header included) or a
+    # generated one (the node runs without a system prompt)
     assert result.prompt_tokens > 5
+    assert result.capsule.position == result.prompt_tokens + result.generated_tokens
+    ok(client.release(result.capsule.capsule_id))
 
 
 def test_generate_cancel_stops_within_a_token(client):

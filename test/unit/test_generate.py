@@ -13,6 +13,7 @@
 # limitations under the License.
 """Incremental detokenization on the real tokenizer: the same text, a bounded window."""
 
+from capsule_ros.runtime.chat import TurnState
 from capsule_ros.runtime.generate import IncrementalDetokenizer, StopReason
 from capsule_ros.runtime.loader import load_tokenizer, resolve_model
 import pytest
@@ -79,3 +80,18 @@ def test_end_of_sequence_token_is_streamed_and_in_the_result(tiny_engine):
     assert result.stop_reason is StopReason.EOS
     assert list(result.token_ids) == streamed == list(expected[:3])
     assert engine.session_tokens(session)[-3:] == streamed  # it is in the journal
+
+
+def test_the_reply_header_is_counted(tiny_engine):
+    """generate reports the reply header it prefilled: every token is prompt or generated."""
+    engine = tiny_engine
+    session = engine.create_session(system_prompt=False)
+    prompt_tokens = engine.append(session, 'Where is the red cup?')
+    result = engine.generate(session, 3)
+    header = engine.tokenize(engine.chat.reply_header(TurnState.IDLE))
+    assert result.header_tokens == len(header) > 0
+    assert engine.session_position(session) == (prompt_tokens + result.header_tokens
+                                                + len(result.token_ids))
+    # a reply already open gets no second header
+    assert engine.generate(session, 2).header_tokens == 0
+    assert engine.generate(session, 2, reply=False).header_tokens == 0
