@@ -335,10 +335,12 @@ def run_generate(client, arguments, out):
         out.write('\n')
     elif result.success:
         capsule = f', capsule {result.capsule.capsule_id}' if result.capsule.capsule_id else ''
+        drafts = (f', {result.accepted_tokens}/{result.drafted_tokens} drafts accepted'
+                  if result.drafted_tokens else '')
         out.write(f'\n[session {result.session_id}: {result.prompt_tokens} prompt + '
                   f'{result.generated_tokens} generated tokens, stop '
                   f'{STOP_REASON_NAMES.get(result.stop_reason)}, TTFT {result.ttft_ms:.0f} ms, '
-                  f'{result.tokens_per_second:.1f} tok/s{capsule}]\n')
+                  f'{result.tokens_per_second:.1f} tok/s{drafts}{capsule}]\n')
     if not result.success:
         print(f'capsule_ctl: generate failed: {error_name(result.error_code)}: '
               f'{result.message}', file=sys.stderr)

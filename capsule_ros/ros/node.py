@@ -538,6 +538,10 @@ class PolicyNode(LifecycleNode):
                 'sessions': len(engine.sessions()),
                 'max_sessions': config.engine.max_sessions,
                 'generations_running': generating,
+                'speculative': (f'{config.generation.speculative} '
+                                f'(k={config.generation.num_draft_tokens})'),
+                'drafted_tokens': engine.speculation_totals['drafted'],
+                'accepted_tokens': engine.speculation_totals['accepted'],
             })
             for verb, seconds in sorted(dict(engine.last_latencies).items()):
                 values[f'last_{verb}_ms'] = f'{seconds * 1e3:.3f}'
@@ -808,6 +812,8 @@ class PolicyNode(LifecycleNode):
         result.text = generation.text
         result.token_ids = list(generation.token_ids)
         result.generated_tokens = len(generation.token_ids)
+        result.drafted_tokens = generation.drafted_tokens
+        result.accepted_tokens = generation.accepted_tokens
         result.stop_reason = STOP_REASONS[StopReason(generation.stop_reason)]
         if generation.token_ids:
             result.ttft_ms = (prefill_s + generation.first_token_s) * 1e3

@@ -31,7 +31,9 @@ from dataclasses import fields
 from capsule_ros.runtime.config import BACKEND_KINDS
 from capsule_ros.runtime.config import DTYPES
 from capsule_ros.runtime.config import MAX_BUDGET_BYTES
+from capsule_ros.runtime.config import MAX_DRAFT_TOKENS
 from capsule_ros.runtime.config import PolicyConfig
+from capsule_ros.runtime.config import SpeculativeMode
 from capsule_ros.runtime.errors import InvalidArgumentError
 from capsule_ros.runtime.quantization import QUANTIZATION_MODES
 from rcl_interfaces.msg import FloatingPointRange
@@ -73,6 +75,9 @@ DESCRIPTIONS = {
     'generation.top_k': '0 = off',
     'generation.top_p': 'in (0, 1]; 1.0 = off',
     'generation.seed': '-1 = unset: each session keeps its RNG state',
+    'generation.speculative': ('speculative decoding: off, lookup (drafts from n-grams of the '
+                               "session's tokens), mtp (the checkpoint's MTP head)"),
+    'generation.num_draft_tokens': 'drafts verified per forward pass when speculating',
 }
 CONFIGURE_TIME = ' (applied at configure)'
 
@@ -89,6 +94,7 @@ PARAMETER_RANGES = {
     'generation.top_k': (0, 1 << 20),
     'generation.top_p': (0.0, 1.0),
     'generation.seed': (-1, (1 << 63) - 1),
+    'generation.num_draft_tokens': (1, MAX_DRAFT_TOKENS),
 }
 # The largest engine.max_sessions: the executor is sized for it (see node.EXECUTOR_THREADS).
 MAX_SESSIONS_LIMIT = PARAMETER_RANGES['engine.max_sessions'][1]
@@ -97,6 +103,7 @@ CHOICES = {
     'model.dtype': DTYPES,
     'model.quantization': QUANTIZATION_MODES,
     'backend.kind': BACKEND_KINDS,
+    'generation.speculative': tuple(mode.value for mode in SpeculativeMode),
 }
 
 

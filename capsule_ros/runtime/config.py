@@ -19,6 +19,7 @@ The nested groups map one to one onto ``config/policy.yaml``: ``model``, ``backe
 """
 
 from dataclasses import dataclass, field, fields
+import enum
 import math
 from pathlib import Path
 
@@ -28,6 +29,15 @@ from capsule_ros.runtime.quantization import QUANTIZATION_MODES
 DTYPES = ('float32', 'bfloat16')
 BACKEND_KINDS = ('torch',)
 MAX_BUDGET_BYTES = 1 << 46  # 64 TiB: anything larger is a typo, not a budget
+MAX_DRAFT_TOKENS = 16
+
+
+class SpeculativeMode(str, enum.Enum):
+    """Where speculative decoding's drafts come from (``generation.speculative``)."""
+
+    OFF = 'off'
+    LOOKUP = 'lookup'  # n-grams of the session's own tokens (no weights)
+    MTP = 'mtp'        # the checkpoint's multi-token-prediction head
 
 
 def _require(condition: bool, parameter: str, message: str) -> None:
@@ -139,11 +149,18 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = -1
+    speculative: str = 'off'  # off | lookup | mtp (SpeculativeMode)
+    num_draft_tokens: int = 4  # drafts verified per forward pass when speculating
 
     def __post_init__(self):
         """Validate."""
         _require(1 <= self.max_new_tokens <= 1 << 20, 'generation.max_new_tokens',
                  'must be in [1, 2^20]')
+        modes = tuple(mode.value for mode in SpeculativeMode)
+        _require(self.speculative in modes, 'generation.speculative',
+                 f'{self.speculative!r} is not one of {modes}')
+        _require(1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS, 'generation.num_draft_tokens',
+                 f'{self.num_draft_tokens} must be in [1, {MAX_DRAFT_TOKENS}]')
         try:
             self.sampling()
         except InvalidArgumentError as error:

@@ -33,7 +33,8 @@ from capsule_ros.runtime import loader, persist
 from capsule_ros.runtime.capsule import (Capsule, CapsuleEvent, CapsuleInfo, CapsuleStore,
                                          EventKind, SWAP_PREFIX)
 from capsule_ros.runtime.chat import ChatFormatter, Role, TurnState
-from capsule_ros.runtime.config import PolicyConfig, SamplingConfig
+from capsule_ros.runtime.config import (MAX_DRAFT_TOKENS, PolicyConfig, SamplingConfig,
+                                        SpeculativeMode)
 from capsule_ros.runtime.errors import (BudgetExceededError,
                                         check_plain_name, ContextFullError,
                                         CorruptCapsuleError,
@@ -44,6 +45,7 @@ from capsule_ros.runtime.generate import (decode_loop, DecodeRequest, Generation
 from capsule_ros.runtime.models import registry
 from capsule_ros.runtime.sampling import new_generator
 from capsule_ros.runtime.slots import Segment, Slot, SlotResidency
+from capsule_ros.runtime.speculative import PromptLookupDrafter, Speculation
 from capsule_ros.runtime.state import BufferSpec, StateKind, StateLayout
 
 import torch
@@ -170,6 +172,7 @@ class PolicyEngine:
             report(f'removed {len(swept)} leftover(s) of interrupted saves from the capsule '
                    f'directory')
         self.last_latencies: dict[str, float] = {}
+        self.speculation_totals = {'drafted': 0, 'accepted': 0}  # drafts of every generation
         report(f'model ready in {time.monotonic() - started:.1f} s '
                f'({self.model.weights_format}, fingerprint {self.fingerprint})')
 
@@ -393,26 +396,82 @@ class PolicyEngine:
             raise ContextFullError(
                 f'session {session.session_id!r} holds {session.position} tokens; '
                 f'{len(token_ids)} more exceed engine.max_seq_len={self.max_seq_len}')
-        slot = session.slot
         with self._lock:
-            self.residency.prepare_write(slot, session.position)
+            self.residency.prepare_write(session.slot, session.position)
         chunk = self.config.engine.prefill_chunk
         ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
         for offset in range(0, len(token_ids), chunk):
             if cancel is not None and cancel.is_set():
                 raise PrefillCanceledError(session.session_id, offset, len(token_ids))
             piece = ids[offset:offset + chunk]
-            start = session.position
-            targets = self.residency.write_targets(slot)
-            logits = self.model.forward(piece, start, slot.buffers, out_state=targets)
-            self.residency.commit_write(slot, targets)
-            buffers = slot.buffers
-            buffers['tokens'][start:start + piece.shape[0]] = piece
-            buffers['last_logits'].copy_(logits)
-            session.position = start + piece.shape[0]
-            session.has_logits = True
+            self._forward(session, piece)
             if progress:
                 progress(offset + piece.shape[0], len(token_ids))
+
+    def _forward(self, session: Session, ids: torch.Tensor,
+                 all_logits: bool = False) -> torch.Tensor:
+        """
+        One forward pass of ``ids`` [S] at the session's position; the session advances.
+
+        Returns fp32 logits [S, V] with ``all_logits``, else [V]; the last row becomes the
+        session's last logits either way.
+        """
+        slot = session.slot
+        start = session.position
+        targets = self.residency.write_targets(slot)
+        logits = self.model.forward(ids, start, slot.buffers, all_logits=all_logits,
+                                    out_state=targets)
+        self.residency.commit_write(slot, targets)
+        buffers = slot.buffers
+        buffers['tokens'][start:start + ids.shape[0]] = ids
+        buffers['last_logits'].copy_(logits[-1] if all_logits else logits)
+        session.position = start + ids.shape[0]
+        session.has_logits = True
+        return logits
+
+    def _speculation(self, session: Session, mode: SpeculativeMode,
+                     num_draft_tokens: int) -> Speculation | None:
+        """
+        Drafting, verification and rollback for one generation in ``session`` (held).
+
+        Rollback after a rejected draft: KV and the token journal are append-only, so moving
+        the position back undoes them, and the verify pass's row of the last kept token becomes
+        the last logits. Conv and recurrent state are overwritten by every token and cannot be
+        un-applied: the verify pass writes them copy-on-write (the state before it is kept by
+        reference, no copy), and a partial accept puts that state back and runs the kept
+        tokens again, which costs one more forward pass of at most k tokens only when a draft
+        was rejected.
+        """
+        if mode is SpeculativeMode.OFF or num_draft_tokens == 0:
+            return None
+        if mode is SpeculativeMode.MTP:
+            raise InvalidArgumentError(
+                f'generation.speculative: mtp needs a checkpoint with a multi-token-prediction '
+                f'head; {self.model.family} here has none: use lookup or off')
+        last: dict = {}  # the latest verify pass: where it started, its tokens, the state before
+
+        def verify(token_ids: list[int]) -> torch.Tensor:
+            with self._lock:
+                self.residency.prepare_write(session.slot, session.position)
+            before = (self.residency.share_fixed(session.slot)
+                      if self.residency.shared_names else None)
+            last.update(start=session.position, tokens=token_ids, before=before)
+            ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+            last['rows'] = self._forward(session, ids, all_logits=True)  # [T, V]
+            return last['rows']
+
+        def keep(count: int) -> None:
+            if last['before'] is None:
+                session.position = last['start'] + count
+                session.slot.buffers['last_logits'].copy_(last['rows'][count - 1])
+                return
+            self.residency.adopt_fixed(session.slot, last['before'])
+            session.position = last['start']
+            ids = torch.tensor(last['tokens'][:count], dtype=torch.int64, device=self.device)
+            self._forward(session, ids)
+
+        journal = session.slot.buffers['tokens'][:session.position].tolist()
+        return Speculation(PromptLookupDrafter(journal), num_draft_tokens, verify, keep)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (special tokens in the text are recognized)."""
@@ -451,15 +510,25 @@ class PolicyEngine:
     def generate(self, session_id: str, max_new_tokens: int,
                  sampling: SamplingConfig | None = None, stop: Iterable[str] = (),
                  on_token: Callable[[int, str], None] | None = None,
-                 cancel: threading.Event | None = None, reply: bool = True) -> GenerationResult:
+                 cancel: threading.Event | None = None, reply: bool = True,
+                 speculative: SpeculativeMode | str | None = None,
+                 num_draft_tokens: int | None = None) -> GenerationResult:
         """
         Decode up to ``max_new_tokens``, streaming through ``on_token``.
 
         With ``reply`` the tokens form an assistant reply (the template's reply header is
         added first unless one is open); without it the journal is simply continued. The
         session's last logits give the first token without recomputation; every emitted token
-        is run through the model so the session ends at a clean boundary.
+        is run through the model so the session ends at a clean boundary. ``speculative`` and
+        ``num_draft_tokens`` default to ``generation.speculative`` / ``.num_draft_tokens``.
         """
+        generation = self.config.generation
+        speculative = SpeculativeMode(speculative or generation.speculative)
+        if num_draft_tokens is None:
+            num_draft_tokens = generation.num_draft_tokens
+        if not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise InvalidArgumentError(
+                f'num_draft_tokens={num_draft_tokens} must be in [0, {MAX_DRAFT_TOKENS}]')
         if not 1 <= max_new_tokens <= self.max_seq_len:
             raise InvalidArgumentError(
                 f'max_new_tokens={max_new_tokens} must be in [1, {self.max_seq_len}]')
@@ -488,7 +557,11 @@ class PolicyEngine:
                 request, last_logits=lambda: session.slot.buffers['last_logits'],
                 step=lambda token: self._run(session, [token]),
                 room=lambda: self.max_seq_len - session.position, tokenizer=self.tokenizer,
-                eos_token_ids=self.eos_token_ids, started=started)
+                eos_token_ids=self.eos_token_ids, started=started,
+                speculation=self._speculation(session, speculative, num_draft_tokens))
+            with self._lock:
+                self.speculation_totals['drafted'] += result.drafted_tokens
+                self.speculation_totals['accepted'] += result.accepted_tokens
             if result.stop_reason is StopReason.EOS:
                 session.turn = TurnState.ASSISTANT_ENDED
             self.last_latencies['generate'] = result.elapsed_s

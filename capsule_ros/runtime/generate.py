@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The decode loop: token selection, incremental detokenization, stop strings, stop reasons."""
+"""The decode loop: token selection, speculation, incremental detokenization, stop strings."""
 
 from dataclasses import dataclass
 import enum
@@ -21,6 +21,7 @@ from typing import Callable
 
 from capsule_ros.runtime.config import SamplingConfig
 from capsule_ros.runtime.sampling import select_token
+from capsule_ros.runtime.speculative import accept_drafts, Speculation
 import torch
 
 
@@ -44,6 +45,8 @@ class GenerationResult:
     first_token_s: float
     elapsed_s: float
     header_tokens: int = 0  # the reply header prefilled before the first token (template)
+    drafted_tokens: int = 0  # drafts verified (speculative decoding)
+    accepted_tokens: int = 0  # drafts accepted (each saved one forward pass)
 
     @property
     def tokens_per_second(self) -> float:
@@ -107,48 +110,120 @@ class IncrementalDetokenizer:
         return delta
 
 
+class _Emitter:
+    """Hands tokens to the client one by one and decides whether the generation stops."""
+
+    def __init__(self, request: DecodeRequest, tokenizer, eos_token_ids: frozenset[int],
+                 started: float):
+        self.request = request
+        self.eos_token_ids = eos_token_ids
+        self.started = started
+        self.generated: list[int] = []
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.longest_stop = max((len(text) for text in request.stop), default=0)
+        self.first_token_s = 0.0
+        self.reason: StopReason | None = None
+        self.stop_at: int | None = None  # where a stop string cuts the text
+
+    def canceled(self) -> bool:
+        if self.request.cancel is not None and self.request.cancel.is_set():
+            self.reason = StopReason.CANCELED
+            return True
+        return False
+
+    def emit(self, token: int) -> bool:
+        """Stream ``token``; return whether the generation ends with it."""
+        if not self.generated:
+            self.first_token_s = time.monotonic() - self.started
+        self.generated.append(token)
+        if token in self.eos_token_ids:  # streamed too: it is in the journal, as in token_ids
+            if self.request.on_token:
+                self.request.on_token(token, '')
+            self.reason = StopReason.EOS
+            return True
+        delta = self.detokenizer.add(token)
+        if self.request.on_token:
+            self.request.on_token(token, delta)
+        # a stop string can only end in the new text: search the tail it may start in
+        text = self.detokenizer.text
+        tail_start = max(0, len(text) - len(delta) - self.longest_stop + 1)
+        hits = [found for found in (text.find(stop, tail_start) for stop in self.request.stop)
+                if found >= 0]
+        if hits:
+            self.reason = StopReason.STOP_STRING
+            self.stop_at = min(hits)
+            return True
+        return False
+
+    def result(self, drafted: int, accepted: int) -> GenerationResult:
+        if self.stop_at is not None:
+            text = self.detokenizer.text[:self.stop_at]
+        else:
+            self.detokenizer.flush()
+            text = self.detokenizer.text
+        return GenerationResult(text, tuple(self.generated), self.reason or StopReason.MAX_TOKENS,
+                                self.first_token_s, time.monotonic() - self.started,
+                                drafted_tokens=drafted, accepted_tokens=accepted)
+
+
 def decode_loop(request: DecodeRequest, last_logits: Callable[[], torch.Tensor],
                 step: Callable[[int], None], room: Callable[[], int], tokenizer,
-                eos_token_ids: frozenset[int], started: float) -> GenerationResult:
+                eos_token_ids: frozenset[int], started: float,
+                speculation: Speculation | None = None) -> GenerationResult:
     """
     Select a token from ``last_logits()``, run it with ``step(token)``, repeat until a stop.
 
     ``room()`` is how many more tokens the session can hold. Every emitted token is run
     through the model, so the session ends at a clean boundary whatever the stop reason.
+
+    With ``speculation`` each round runs the selected token and the drafts after it in one
+    verify pass, emits the accepted prefix and keeps exactly the emitted tokens in the session
+    (a stop inside the accepted prefix rolls back the rest, too). Drafts never exceed what
+    ``max_new_tokens`` and ``room()`` still allow.
     """
-    generated: list[int] = []
-    detokenizer = IncrementalDetokenizer(tokenizer)
-    longest_stop = max((len(text) for text in request.stop), default=0)
-    first_token_s = 0.0
-    reason = StopReason.MAX_TOKENS
+    emitter = _Emitter(request, tokenizer, eos_token_ids, started)
+    generated = emitter.generated
+    drafted = accepted_total = 0
+    replacement = None  # sampling: a token drawn after a rejected draft, not run yet
     while len(generated) < request.max_new_tokens:
-        if request.cancel is not None and request.cancel.is_set():
-            reason = StopReason.CANCELED
+        if emitter.canceled():
             break
         if room() <= 0:
-            reason = StopReason.CONTEXT_FULL
+            emitter.reason = StopReason.CONTEXT_FULL
             break
-        token = select_token(last_logits().float(), request.sampling, request.generator)
-        if not generated:
-            first_token_s = time.monotonic() - started
-        generated.append(token)
-        step(token)
-        if token in eos_token_ids:  # streamed too: it is in the journal, as in token_ids
-            if request.on_token:
-                request.on_token(token, '')
-            reason = StopReason.EOS
+        if replacement is not None:
+            token, replacement = replacement, None
+        else:
+            token = select_token(last_logits().float(), request.sampling, request.generator)
+        drafts: list[int] = []
+        if speculation is not None:
+            budget = min(speculation.num_draft_tokens,
+                         request.max_new_tokens - len(generated) - 1, room() - 1)
+            speculation.drafter.extend([token])
+            drafts = speculation.drafter.propose(budget)
+        if not drafts:
+            step(token)
+            if emitter.emit(token):
+                break
+            continue
+        rows = speculation.verify([token] + drafts)  # [1 + k, V]
+        accepted, replacement = accept_drafts(drafts, rows, request.sampling,
+                                              request.generator)
+        drafted += len(drafts)
+        accepted_total += accepted
+        run = [token] + drafts[:accepted]
+        emitted = 0
+        for emitted, candidate in enumerate(run, start=1):
+            if emitted > 1 and emitter.canceled():
+                emitted -= 1
+                break
+            if emitter.emit(candidate):
+                break
+        if emitted < len(run) or emitter.reason is not None:
+            replacement = None  # a stop: the replacement is never emitted
+        if emitted < 1 + len(drafts):
+            speculation.keep(emitted)
+        speculation.drafter.extend(run[1:emitted])
+        if emitter.reason is not None:
             break
-        delta = detokenizer.add(token)
-        if request.on_token:
-            request.on_token(token, delta)
-        # a stop string can only end in the new text: search the tail it may start in
-        tail_start = max(0, len(detokenizer.text) - len(delta) - longest_stop + 1)
-        hits = [found for found in (detokenizer.text.find(stop, tail_start)
-                                    for stop in request.stop) if found >= 0]
-        if hits:
-            reason = StopReason.STOP_STRING
-            return GenerationResult(detokenizer.text[:min(hits)], tuple(generated), reason,
-                                    first_token_s, time.monotonic() - started)
-    detokenizer.flush()
-    return GenerationResult(detokenizer.text, tuple(generated), reason, first_token_s,
-                            time.monotonic() - started)
+    return emitter.result(drafted, accepted_total)

@@ -29,6 +29,11 @@ def select_token(logits: torch.Tensor, sampling: SamplingConfig,
     """Pick the next token from fp32 ``logits`` [V]; consumes randomness only when sampling."""
     if sampling.is_greedy:
         return int(torch.argmax(logits))
+    return sample_from(token_distribution(logits, sampling), generator)
+
+
+def token_distribution(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Return the distribution [V] that sampling draws from (temperature, top-k, top-p)."""
     scaled = logits / sampling.temperature  # [V]
     if 0 < sampling.top_k < scaled.shape[0]:
         kth_largest = torch.topk(scaled, sampling.top_k).values[-1]
@@ -40,11 +45,18 @@ def select_token(logits: torch.Tensor, sampling: SamplingConfig,
         drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= sampling.top_p
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float('-inf'))
-    probabilities = torch.softmax(scaled, dim=-1)  # [V]
-    # Inverse-CDF sampling with one uniform draw: exact, and ~10x faster than
-    # torch.multinomial over a 49k vocabulary. The first token whose cumulative mass exceeds
-    # the draw wins; masked (zero-mass) tokens never do.
-    cumulative = torch.cumsum(probabilities, dim=0)  # [V]
+    return torch.softmax(scaled, dim=-1)  # [V]
+
+
+def sample_from(weights: torch.Tensor, generator: torch.Generator) -> int:
+    """
+    Draw one token from ``weights`` [V] (non-negative, not necessarily normalized).
+
+    Inverse-CDF sampling with one uniform draw: exact, and ~10x faster than torch.multinomial
+    over a 49k vocabulary. The first token whose cumulative mass exceeds the draw wins;
+    zero-mass tokens never do.
+    """
+    cumulative = torch.cumsum(weights, dim=0)  # [V]
     draw = torch.rand(1, generator=generator) * cumulative[-1]
     index = torch.searchsorted(cumulative, draw, right=True)
-    return min(int(index), probabilities.shape[0] - 1)
+    return min(int(index), weights.shape[0] - 1)

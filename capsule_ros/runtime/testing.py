@@ -87,9 +87,12 @@ def write_tiny_model(directory: Path, overrides: dict | None = None, seed: int =
     return directory
 
 
-def capsule_program_machine():
+def capsule_program_machine(speculative: str = 'off'):
     """
     Return a hypothesis state machine that drives random capsule programs on an engine.
+
+    ``speculative``: the drafts every generation (and its replay) verifies (``lookup``: the
+    small word list repeats, so drafts are often accepted and often rejected).
 
     Set ``Machine.engine`` before running it. Every session and capsule carries the list of
     operations that built it; after each step the touched session is checked against a fresh
@@ -145,7 +148,7 @@ def capsule_program_machine():
                     if operation == 'append':
                         engine.append(reference, argument)
                     else:
-                        engine.generate(reference, argument)
+                        engine.generate(reference, argument, speculative=speculative)
                 assert engine.session_tokens(reference) == engine.session_tokens(session_id)
                 if engine.session_position(reference):
                     assert torch.equal(engine.session_logits(reference),
@@ -183,12 +186,12 @@ def capsule_program_machine():
             self._replay_matches(session)
 
         @precondition(lambda self: self.histories)
-        @rule(data=st.data(), steps=st.integers(1, 4))
+        @rule(data=st.data(), steps=st.integers(1, 8))
         def generate(self, data, steps):
             session = data.draw(st.sampled_from(sorted(self.histories)))
             if not self._length(session) or self._length(session) > self.max_tokens_before_op:
                 return
-            self.engine.generate(session, steps)
+            self.engine.generate(session, steps, speculative=speculative)
             self.histories[session].append(('generate', steps))
             self._sync_evictions()
             self._replay_matches(session)
@@ -292,11 +295,12 @@ def capsule_program_machine():
     return CapsuleMachine
 
 
-def run_capsule_programs(engine, max_examples: int, steps: int, max_open: int = 3) -> None:
+def run_capsule_programs(engine, max_examples: int, steps: int, max_open: int = 3,
+                         speculative: str = 'off') -> None:
     """Run ``max_examples`` random capsule programs of ``steps`` steps on ``engine``."""
     from hypothesis import HealthCheck, settings
 
-    machine = capsule_program_machine()
+    machine = capsule_program_machine(speculative)
     machine.engine = engine
     machine.max_open = max_open
     engine.config.capsules.directory().mkdir(parents=True, exist_ok=True)

@@ -329,8 +329,8 @@ def test_generate_streams_feedback_and_honours_stop_strings(client):
     assert result.session_id == session_id
     # no prompt: only the template's reply header is prefilled, and prompt_tokens counts it
     assert result.prompt_tokens > 0
-    assert result.capsule.position == (before.position + result.prompt_tokens
-                                       + result.generated_tokens)
+    assert result.capsule.num_tokens == (before.num_tokens + result.prompt_tokens
+                                         + result.generated_tokens)
     assert result.generated_tokens == len(result.token_ids) > 0
     streamed = [token for message in feedback for token in message.token_ids]
     assert result.stop_reason in (Generate.Result.STOP_EOS, Generate.Result.STOP_MAX_TOKENS)
@@ -362,7 +362,7 @@ def test_generate_with_a_prompt_opens_a_session(client):
     # every token in the session is a prompt token (template and reply header included) or a
     # generated one (the node runs without a system prompt)
     assert result.prompt_tokens > 5
-    assert result.capsule.position == result.prompt_tokens + result.generated_tokens
+    assert result.capsule.num_tokens == result.prompt_tokens + result.generated_tokens
     ok(client.release(result.capsule.capsule_id))
 
 
@@ -571,22 +571,26 @@ def test_mixed_service_load_during_a_generation(client, context):
     thread.start()
     assert started.wait(timeout=120.0)
     assert 'result' not in outcome, outcome
+    # 1200 calls: well within the 1500-token generation even on a loaded 2-core machine
+    calls_per_thread = 300
     report = run_load(idle_sessions=idle, busy_session=busy, busy_capsule='busy-cap',
-                      num_threads=4, calls_per_thread=600, context=context,
+                      num_threads=4, calls_per_thread=calls_per_thread, context=context,
                       timeout_s=TIMEOUT_S)
     still_generating = 'result' not in outcome
     cancel.set()
     thread.join(timeout=120.0)
     assert still_generating, (
         'the generation ended before the load did; the BUSY expectations need it running: '
-        f'{outcome}')
+        f'status {outcome.get("status")}, {outcome["result"].generated_tokens} tokens')
     assert outcome['status'] == GoalStatus.STATUS_CANCELED
-    assert report.calls == sum(report.codes.values()) == 4 * 600  # every call answered
+    calls = 4 * calls_per_thread
+    assert report.calls == sum(report.codes.values()) == calls  # every call answered
     assert report.unanswered == 0
     assert report.wrong == [], report.wrong[:10]
-    assert report.codes[('snapshot', 'BUSY')] == report.codes[('restore', 'BUSY')] == 400
-    assert report.codes[('list', 'OK')] == 400
-    assert report.codes[('snapshot', 'OK')] == 400
+    per_kind = calls // 6  # run_load cycles through six kinds of call
+    assert report.codes[('snapshot', 'BUSY')] == report.codes[('restore', 'BUSY')] == per_kind
+    assert report.codes[('list', 'OK')] == per_kind
+    assert report.codes[('snapshot', 'OK')] == per_kind
     # No capsule leaked: only busy-cap is left of this test's capsules.
     capsules = ok(client.list_capsules()).capsules
     assert [info.capsule_id for info in capsules if info.session_id in idle] == []

@@ -83,7 +83,7 @@ def test_end_of_sequence_token_is_streamed_and_in_the_result(tiny_engine):
 
 
 def test_the_reply_header_is_counted(tiny_engine):
-    """generate reports the reply header it prefilled: every token is prompt or generated."""
+    """The reply header generate prefilled is counted: every token is prompt or generated."""
     engine = tiny_engine
     session = engine.create_session(system_prompt=False)
     prompt_tokens = engine.append(session, 'Where is the red cup?')

@@ -1,0 +1,125 @@
+# Copyright 2026 The capsule_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Speculative decoding: drafters propose tokens, one forward pass of the model verifies them.
+
+A round of the decode loop picks the next token ``t0`` as plain decoding would, asks the
+drafter for up to k tokens that may follow it, and runs ``[t0, d1 .. dk]`` in one forward pass.
+Row ``i`` of its logits is what plain decoding would have seen after ``d_i`` (``t0`` for row
+0), so it judges draft ``d_(i+1)``:
+
+- greedy: a draft is accepted while it equals the argmax of the row before it, so the tokens
+  are those of plain greedy decoding whatever the acceptance rate;
+- sampling: the standard rejection rule (Leviathan et al. 2023, Chen et al. 2023): accept
+  ``d`` with probability ``min(1, p(d) / q(d))``, else draw the replacement from
+  ``max(p - q, 0)`` normalized. ``p`` is the session's sampling distribution (temperature,
+  top-k, top-p) of the row, ``q`` the drafter's (one-hot for prompt lookup). The output
+  distribution is exactly ``p``'s; every draw uses the session's RNG, so capsules reproduce
+  samples.
+
+The engine then keeps the accepted prefix and rolls the rest back (see PolicyEngine).
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from capsule_ros.runtime.config import SamplingConfig
+from capsule_ros.runtime.sampling import sample_from, token_distribution
+import torch
+
+
+class PromptLookupDrafter:
+    """
+    Drafts by prompt lookup: the tokens that followed the last occurrence of the current n-gram.
+
+    Planners repeat entity names, locations and tool calls from their context, so the continuation
+    of an earlier occurrence of the last 1-3 tokens is often what comes next. The longest n-gram
+    with an earlier occurrence wins, and of its occurrences the most recent. Indexes are updated
+    per token (O(1)), never rebuilt.
+    """
+
+    def __init__(self, tokens: list[int], max_ngram: int = 3, min_ngram: int = 1):
+        """Index the session's tokens so far."""
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self.tokens: list[int] = []
+        # n -> {n-gram: index of the token that followed its latest occurrence}
+        self._follows: dict[int, dict[tuple[int, ...], int]] = {
+            n: {} for n in range(min_ngram, max_ngram + 1)}
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        """Append tokens to the context."""
+        for token in tokens:
+            end = len(self.tokens)  # the n-grams ending just before ``token`` now have a follower
+            for n, follows in self._follows.items():
+                if end >= n:
+                    follows[tuple(self.tokens[end - n:end])] = end
+            self.tokens.append(int(token))
+
+    def propose(self, num_tokens: int) -> list[int]:
+        """Up to ``num_tokens`` drafts that follow the context (none if nothing matches)."""
+        if num_tokens <= 0:
+            return []
+        for n in range(min(self.max_ngram, len(self.tokens)), self.min_ngram - 1, -1):
+            follower = self._follows[n].get(tuple(self.tokens[-n:]))
+            if follower is not None:
+                return self.tokens[follower:follower + num_tokens]
+        return []
+
+
+@dataclass
+class Speculation:
+    """What the decode loop needs to speculate: a drafter and the engine's verify and keep."""
+
+    drafter: PromptLookupDrafter
+    num_draft_tokens: int
+    # run tokens at the session's position in one forward pass; returns fp32 logits [T, V]
+    verify: Callable[[list[int]], torch.Tensor]
+    # after verify: keep the first n of the verified tokens, as if only they had been run
+    keep: Callable[[int], None]
+
+
+def accept_drafts(drafts: list[int], rows: torch.Tensor, sampling: SamplingConfig,
+                  generator: torch.Generator,
+                  draft_probabilities: torch.Tensor | None = None) -> tuple[int, int | None]:
+    """
+    Judge ``drafts`` against verify logits ``rows`` [len(drafts) + 1, V] (row i judges draft i).
+
+    Returns the number accepted and, when sampling rejected a draft, the replacement token drawn
+    from the residual distribution (greedy needs none: the next token is the argmax of the
+    row after the accepted prefix, which plain decoding takes from the last logits anyway).
+    ``draft_probabilities`` [k, V]: the drafter's distributions; None means one-hot drafts.
+    """
+    for index, draft in enumerate(drafts):
+        row = rows[index].float()
+        if sampling.is_greedy:
+            if int(torch.argmax(row)) != draft:
+                return index, None
+            continue
+        target = token_distribution(row, sampling)  # [V]
+        if draft_probabilities is None:
+            accept_probability = target[draft]
+            residual = target.clone()
+            residual[draft] = 0.0
+        else:
+            proposal = draft_probabilities[index]
+            accept_probability = torch.clamp(target[draft] / proposal[draft], max=1.0)
+            residual = torch.clamp(target - proposal, min=0.0)
+        if torch.rand(1, generator=generator) < accept_probability:
+            continue
+        if float(residual.sum()) <= 0.0:  # p == q: nothing left to draw from; take p
+            residual = target
+        return index, sample_from(residual, generator)
+    return len(drafts), None
