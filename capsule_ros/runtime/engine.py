@@ -154,6 +154,8 @@ class PolicyEngine:
             BufferSpec('sampler', StateKind.META, (2,), torch.float64),
         ])
         self.fingerprint = self._fingerprint(files.weights_sha256)
+        if self.config.generation.speculative == SpeculativeMode.MTP.value:
+            raise InvalidArgumentError(self._no_mtp_head())
         report(f'allocating {self.config.engine.max_sessions} slots of '
                f'{self.layout.slot_bytes() / (1 << 20):.0f} MiB')
         self._free_slots = [Slot(index, self.layout.allocate(self.device))
@@ -429,6 +431,10 @@ class PolicyEngine:
         session.has_logits = True
         return logits
 
+    def _no_mtp_head(self) -> str:
+        return (f'parameter generation.speculative: mtp needs a multi-token-prediction head, '
+                f'and this {self.model.family} model loads none; use lookup or off')
+
     def _speculation(self, session: Session, mode: SpeculativeMode,
                      num_draft_tokens: int) -> Speculation | None:
         """
@@ -445,9 +451,7 @@ class PolicyEngine:
         if mode is SpeculativeMode.OFF or num_draft_tokens == 0:
             return None
         if mode is SpeculativeMode.MTP:
-            raise InvalidArgumentError(
-                f'generation.speculative: mtp needs a checkpoint with a multi-token-prediction '
-                f'head; {self.model.family} here has none: use lookup or off')
+            raise InvalidArgumentError(self._no_mtp_head())
         last: dict = {}  # the latest verify pass: where it started, its tokens, the state before
 
         def verify(token_ids: list[int]) -> torch.Tensor:

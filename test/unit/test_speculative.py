@@ -23,6 +23,7 @@ Speculative decoding (prompt lookup) on random-weight models of every family, fp
 """
 
 from capsule_ros.runtime.config import SamplingConfig
+from capsule_ros.runtime.errors import InvalidArgumentError
 from capsule_ros.runtime.speculative import accept_drafts, PromptLookupDrafter
 from capsule_ros.runtime.testing import run_capsule_programs, write_tiny_model
 from conftest import make_engine
@@ -108,7 +109,9 @@ def test_speculation_never_exceeds_max_new_tokens_or_the_slot(engine):
     engine.close_session(session)
 
 
-def test_mtp_without_a_head_is_refused_with_advice(engine):
+def test_mtp_without_a_head_is_refused_with_advice(engine, tmp_path):
+    with pytest.raises(InvalidArgumentError, match='parameter generation.speculative: mtp'):
+        make_engine(engine.config.model.path, tmp_path, generation={'speculative': 'mtp'})
     session = engine.create_session(system_prompt=False)
     engine.append(session, PLAIN)
     with pytest.raises(Exception, match='generation.speculative: mtp') as raised:
