@@ -28,15 +28,22 @@ beat, in interleaved rounds (the variants compared alternate inside each round; 
 - time to first token: cold prefill vs restore + first token;
 - the KV-only ablation: resetting position and last logits but not the conv/recurrent state.
 
+A peer runs in the same rounds where llama-cpp-python is installed: llama.cpp on the same
+random weights, written once as a bf16 GGUF by ``bench/gguf_export.py`` (cached next to the
+checkpoint). Its cold prefill, ``save_state`` / ``load_state`` (the rollback: into the same
+context after more tokens were evaluated) and the C calls under them, and whether a
+``load_state`` continues the greedy tokens exactly as the uninterrupted run did.
+
 Run from the repository root::
 
     PYTHONPATH=. python bench/hybrids.py [--contexts 512 2048 8000] [--families lfm2 qwen3_5]
-                                         [--out bench/results] [--quick]
+                                         [--out bench/results] [--quick] [--no-llamacpp]
 
 Writes ``hybrids.json``, ``hybrids.md`` and ``hybrids.png`` to ``--out``; progress on stderr.
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -47,6 +54,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -71,6 +79,12 @@ SETTLE_S = 0.02
 WEIGHT_GAIN = 1.6
 WEIGHT_SEED = 0
 MODEL_FORMAT = 1  # bump when the written checkpoints change
+# the llama.cpp peer: the checkpoints' own precision (exact; llama.cpp's CPU backend has bf16
+# matmuls), llama-cpp-python's default batch, one decode token fed between timed verbs
+LLAMA_DTYPE = 'bf16'
+LLAMA_BATCH = 512
+LLAMA_STEP_TOKEN = 4242
+CONTINUE_STEPS = 16  # greedy tokens compared after a load_state
 
 MODELS = {
     'lfm2': {
@@ -237,11 +251,237 @@ def make_engine(family, directory, max_seq_len, capsule_dir):
     return engine
 
 
+# -- the llama.cpp peer ---------------------------------------------------------------------
+
+
+def llamacpp_missing():
+    """Why the llama.cpp peer cannot run here, or None."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as error:
+        return f'llama-cpp-python is not installed ({error})'
+    return None
+
+
+def gguf_model(family, directory):
+    """Return the GGUF of ``family``'s checkpoint (next to it), exporting it first if needed."""
+    from gguf_export import export_gguf, EXPORT_FORMAT
+
+    from capsule_ros.runtime import loader
+
+    target = directory.with_name(f'{directory.name}.{LLAMA_DTYPE}.gguf')
+    marker = target.with_name(f'{target.name}.json')
+    stamp = {'checkpoint': json.loads((directory / 'complete.json').read_text())['stamp'],
+             'export_format': EXPORT_FORMAT, 'dtype': LLAMA_DTYPE}
+    if target.is_file() and marker.is_file() and json.loads(marker.read_text()) == stamp:
+        log(f'{family}: cached GGUF {target}')
+        return target
+    started = time.monotonic()
+    log(f'{family}: exporting the checkpoint as a {LLAMA_DTYPE} GGUF for llama.cpp (once) ...')
+    staging = target.with_name(f'{target.name}.tmp{os.getpid()}')
+    try:
+        export_gguf(directory, staging, loader.bundled_model_path(), LLAMA_DTYPE,
+                    progress=lambda line: log(f'{family}:   {line}'))
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    os.replace(staging, target)
+    marker.write_text(json.dumps(stamp, indent=1))
+    log(f'{family}: GGUF written in {time.monotonic() - started:.0f} s')
+    return target
+
+
+class LlamaPeer:
+    """
+    llama.cpp (llama-cpp-python) on a family's GGUF: one context, used like one session.
+
+    Its state verbs copy the whole context: ``save_state`` serializes the KV cells and the
+    conv/recurrent state (no logits: the caller keeps the token it sampled last),
+    ``load_state`` replaces them.
+    """
+
+    def __init__(self, path, n_ctx):
+        import llama_cpp
+
+        self.api = llama_cpp
+        self.n_ctx = n_ctx
+        self.llama = llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=LLAMA_BATCH, n_threads=THREADS,
+            n_threads_batch=THREADS, logits_all=False, verbose=False)
+        self.context = self.llama._ctx.ctx
+        self.vocab_size = self.llama.n_vocab()
+        self.llama.eval(random_tokens(64, 0))  # first calls build the graphs: keep them out
+        self.step()
+        self.llama.reset()
+
+    def feed(self, tokens):
+        """Evaluate ``tokens`` after the current position."""
+        self.llama.eval(tokens)
+
+    def step(self):
+        """Decode a fixed token."""
+        self.llama.eval([LLAMA_STEP_TOKEN])
+
+    def last_logits(self):
+        """Return a copy of the logits of the last evaluated token ([vocab])."""
+        pointer = self.api.llama_get_logits_ith(self.context, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.vocab_size,)).copy()
+
+    def continue_greedy(self, first_token, steps):
+        """Feed ``first_token``, then ``steps - 1`` argmax tokens: (tokens after it, logits)."""
+        tokens, logits = [], []
+        token = first_token
+        for _ in range(steps):
+            self.feed([token])
+            logits.append(self.last_logits())
+            token = int(logits[-1].argmax())
+            tokens.append(token)
+        return tokens, np.stack(logits)
+
+    def state_size(self):
+        """Bytes ``llama_state_get_data`` writes now (a dry run of the serialization)."""
+        return self.api.llama_state_get_size(self.context)
+
+    def get_data(self, buffer):
+        """Serialize the state into ``buffer`` (the C call under ``save_state``)."""
+        return self.api.llama_state_get_data(self.context, buffer, len(buffer))
+
+    def set_data(self, buffer, num_bytes, num_tokens):
+        """Deserialize a state of ``num_tokens`` tokens (the C call under ``load_state``)."""
+        if self.api.llama_state_set_data(self.context, buffer, num_bytes) != num_bytes:
+            raise RuntimeError('llama_state_set_data failed')
+        self.llama.n_tokens = num_tokens
+
+    def seq_rm_rollback(self, position):
+        """Try llama.cpp's in-place rollback (drop positions >= ``position``); True if done."""
+        memory = self.api.llama_get_memory(self.context)
+        accepted = bool(self.api.llama_memory_seq_rm(memory, 0, position, -1))
+        if accepted:
+            self.llama.n_tokens = position
+        return accepted
+
+
+class LlamaMeasurement:
+    """
+    The llama.cpp peer at one context: cold prefill, reference continuation, timed verbs.
+
+    ``variants`` go into the engine's interleaved rounds; ``finish`` restores the state saved
+    right after the prefill and compares the greedy continuation with the uninterrupted one.
+    """
+
+    def __init__(self, peer, family, context):
+        self.peer = peer
+        self.llama = peer.llama
+        self.context = context
+        self.samples = {key: [] for key in (
+            'llama_step_ms', 'llama_save_state_ms', 'llama_state_get_ms',
+            'llama_load_state_ms', 'llama_state_set_ms', 'llama_restore_step_ms')}
+        log(f'{family} @ {context}: llama.cpp cold prefill ...')
+        self.llama.reset()
+        started = time.perf_counter()
+        peer.feed(random_tokens(context, context))
+        self.prefill_s = time.perf_counter() - started
+        # the state holds no logits: the caller keeps the token sampled from them
+        self.first_token = int(peer.last_logits().argmax())
+        self.state = self.llama.save_state()
+        self.state_bytes = self.state.llama_state_size
+        self.buffer = (ctypes.c_uint8 * self.state_bytes)()
+        if peer.get_data(self.buffer) != self.state_bytes:
+            raise RuntimeError('llama_state_get_data wrote another size than save_state')
+        self.scratch = (ctypes.c_uint8 * self.state_bytes)()
+        self.reference_tokens, self.reference_logits = peer.continue_greedy(
+            self.first_token, CONTINUE_STEPS)
+        # llama.cpp's cheap rollback (drop the cells after the context) needs per-token
+        # snapshots of the recurrent state (n_rs_seq, 0 by default): refused without them
+        self.seq_rm_accepted = peer.seq_rm_rollback(context)
+        self.llama.load_state(self.state)
+        log(f'{family} @ {context}: llama.cpp prefill {self.prefill_s:.2f} s '
+            f'({context / self.prefill_s:.0f} tok/s), state {self.state_bytes / 2 ** 20:.1f} '
+            f'MiB, seq_rm rollback {"accepted" if self.seq_rm_accepted else "refused"}')
+
+    def timed(self, key, function):
+        """Decode a step, pause (SETTLE_S), time ``function()`` into ``samples[key]``."""
+        self.peer.step()
+        settle()
+        started = time.perf_counter()
+        function()
+        self.samples[key].append(ms_since(started))
+
+    def step(self):
+        """Time a plain decode step."""
+        settle()
+        started = time.perf_counter()
+        self.peer.step()
+        self.samples['llama_step_ms'].append(ms_since(started))
+
+    def save_state(self):
+        """Time llama-cpp-python's whole state save (sizes, serializes, copies to bytes)."""
+        self.timed('llama_save_state_ms', self.llama.save_state)
+
+    def state_get(self):
+        """Time llama_state_get_data alone, into a preallocated buffer."""
+        self.peer.step()
+        size = self.peer.state_size()
+        if size > len(self.scratch):
+            self.scratch = (ctypes.c_uint8 * size)()
+        settle()
+        started = time.perf_counter()
+        self.peer.get_data(self.scratch)
+        self.samples['llama_state_get_ms'].append(ms_since(started))
+
+    def load_state(self):
+        """Time load_state of the prefill's state: a rollback of the tokens since."""
+        self.timed('llama_load_state_ms', lambda: self.llama.load_state(self.state))
+
+    def state_set(self):
+        """Time llama_state_set_data alone, from the buffer."""
+        self.timed('llama_state_set_ms', lambda: self.peer.set_data(
+            self.buffer, self.state_bytes, self.context))
+
+    def restore_step(self):
+        """Time load_state + the decode step of the kept token (its next logits)."""
+        def restore_and_step():
+            self.llama.load_state(self.state)
+            self.peer.feed([self.first_token])
+        self.timed('llama_restore_step_ms', restore_and_step)
+
+    def variants(self):
+        """Return groups of variants for the interleaved rounds (their order alternates)."""
+        return [(self.save_state, self.state_get), (self.load_state, self.state_set),
+                (self.step, self.restore_step)]
+
+    def finish(self, engine_tokens):
+        """Restore once more, continue greedily, compare; a flat dict of ``llama_*`` keys."""
+        self.llama.load_state(self.state)
+        tokens, logits = self.peer.continue_greedy(self.first_token, CONTINUE_STEPS)
+        diverges = next((index for index, (left, right) in enumerate(
+            zip(self.reference_tokens, tokens)) if left != right), None)
+        ours = [self.first_token] + self.reference_tokens
+        agree = next((index for index, (left, right) in enumerate(zip(ours, engine_tokens))
+                      if left != right), min(len(ours), len(engine_tokens)))
+        samples = self.samples
+        result = {key: median(values) for key, values in samples.items()}
+        result.update({f'{key}_min': min(values) for key, values in samples.items()})
+        result.update({
+            'llama_prefill_s': self.prefill_s,
+            'llama_prefill_tok_s': self.context / self.prefill_s,
+            'llama_state_bytes': self.state_bytes,
+            'llama_seq_rm_rollback': self.seq_rm_accepted,
+            'llama_continues_identically': diverges is None,
+            'llama_diverges_at': diverges, 'llama_continue_steps': len(tokens),
+            'llama_logits_max_diff': float(np.abs(logits - self.reference_logits).max()),
+            'llama_engine_agree': agree, 'llama_engine_compared': len(engine_tokens),
+            'llama_first_token': self.first_token,
+            'llama_reference_tokens': self.reference_tokens, 'llama_restored_tokens': tokens,
+            'llama_samples': samples})
+        return result
+
+
 # -- measurements ---------------------------------------------------------------------------
 
 
-def measure_context(engine, family, context, rounds):
-    """Every measurement of one family at one context; returns a flat dict."""
+def measure_context(engine, family, context, rounds, peer=None):
+    """Every measurement of one family at one context (and of ``peer``); a flat dict."""
     from capsule_ros.runtime.state import sequence_range
 
     started_all = time.monotonic()
@@ -264,6 +504,7 @@ def measure_context(engine, family, context, rounds):
         f'capsule kv {info.kv_bytes / 2 ** 20:.1f} MiB, conv {info.conv_bytes / 2 ** 10:.0f} '
         f'KiB, recurrent {info.recurrent_bytes / 2 ** 20:.1f} MiB, meta '
         f'{info.meta_bytes / 2 ** 10:.0f} KiB')
+    llama = LlamaMeasurement(peer, family, context) if peer else None
 
     def step():
         engine.generate(main, 1, reply=False)
@@ -378,6 +619,8 @@ def measure_context(engine, family, context, rounds):
 
     pairs = [(decode,), (snapshot_once, copy_at_snapshot), (plain_step, step_after_snapshot),
              (rollback, raw_state_copy, raw_fixed_copy), (restore_other, raw_copy_other)]
+    if llama:
+        pairs += llama.variants()
     for index in range(rounds):
         log(f'{family} @ {context}: round {index + 1}/{rounds}')
         engine.restore(label)
@@ -412,7 +655,11 @@ def measure_context(engine, family, context, rounds):
         'samples': samples,
     })
     result.update(ablation)
-    result['other_s'] = time.monotonic() - started_all - prefill_s
+    if llama:
+        result.update(llama.finish(ablation['reference_tokens']))
+    # the cold prefills (ours and the peer's) grow faster with the context than the rest
+    result['other_s'] = (time.monotonic() - started_all - prefill_s
+                         - result.get('llama_prefill_s', 0.0))
     result['load_average'] = [load_before, os.getloadavg()[0]]
     log(f'{family} @ {context}: snapshot {result["snapshot_ms"]:.3f} ms (clone at snapshot '
         f'{result["copy_at_snapshot_ms"]:.3f} ms), rollback {result["rollback_ms"]:.3f} ms vs '
@@ -420,6 +667,13 @@ def measure_context(engine, family, context, rounds):
         f'{result["restore_other_ms"]:.2f} ms vs raw {result["raw_copy_other_ms"]:.2f} ms, '
         f'KV-only diverges at {result["kv_only_diverges_at"]}, full restore identical '
         f'{result["full_restore_identical"]} ({time.monotonic() - started_all:.0f} s)')
+    if llama:
+        log(f'{family} @ {context}: llama.cpp save_state {result["llama_save_state_ms"]:.2f} ms '
+            f'(get_data {result["llama_state_get_ms"]:.2f} ms), load_state '
+            f'{result["llama_load_state_ms"]:.2f} ms (set_data '
+            f'{result["llama_state_set_ms"]:.2f} ms), continues identically '
+            f'{result["llama_continues_identically"]}, greedy tokens equal to ours for '
+            f'{result["llama_engine_agree"]}/{result["llama_engine_compared"]}')
     return result
 
 
@@ -455,7 +709,8 @@ def kv_only_ablation(engine, session, label):
 
 def estimate(measured, context):
     """(prefill s, rest s) at ``context`` from the contexts measured so far."""
-    points = sorted((row['context'], row['prefill_s'], row['other_s']) for row in measured)
+    points = sorted((row['context'], row['prefill_s'] + row.get('llama_prefill_s', 0.0),
+                     row['other_s']) for row in measured)
     last_context, last_prefill, last_other = points[-1]
     exponent = 1.2  # prefill grows a little faster than the context (attention)
     if len(points) >= 2:
@@ -510,6 +765,25 @@ def fmt_ratio(value):
     return '-' if value is None else f'{value:.2f}x'
 
 
+def llama_continuation_detail(row):
+    """Describe the peer's greedy tokens and logits after load_state vs uninterrupted."""
+    difference = row['llama_logits_max_diff']
+    logits = ('logits bitwise equal' if difference == 0
+              else f'max logit difference {difference:.3g}')
+    steps = row['llama_continue_steps']
+    if row['llama_continues_identically']:
+        return f'{steps}/{steps} tokens equal, {logits}'
+    return f'token {row["llama_diverges_at"]} of {steps} differs, {logits}'
+
+
+def llama_continuation(row):
+    """Return 'yes (...)' or 'NO (...)' for the table, or a dash."""
+    if 'llama_continues_identically' not in row:
+        return '-'
+    answer = 'yes' if row['llama_continues_identically'] else 'NO'
+    return f'{answer} ({llama_continuation_detail(row)})'
+
+
 ROWS = [
     ('capsule KV bytes', 'kv_bytes', fmt_bytes),
     ('capsule conv bytes', 'conv_bytes', fmt_bytes),
@@ -551,6 +825,28 @@ ROWS = [
     ('1-minute load average of the machine before / after', 'load_average',
      lambda value: f'{value[0]:.1f} / {value[1]:.1f}'),
 ]
+# the llama.cpp peer's rows, shown where a context has them
+LLAMA_ROWS = [
+    ('llama.cpp peer: cold prefill, eval of the context (ms)', 'llama_prefill_s',
+     lambda value: f'{value * 1000:.0f}'),
+    ('llama.cpp peer: prefill (tok/s)', 'llama_prefill_tok_s', lambda value: f'{value:.0f}'),
+    ('llama.cpp peer: decode step (ms)', 'llama_step_ms', fmt_ms),
+    ('llama.cpp peer: state bytes (KV cells + conv + recurrent)', 'llama_state_bytes',
+     fmt_bytes),
+    ('llama.cpp peer: save_state, llama-cpp-python (ms)', 'llama_save_state_ms', fmt_ms),
+    ('  of which llama_state_get_data into a buffer (ms)', 'llama_state_get_ms', fmt_ms),
+    ('llama.cpp peer: load_state = rollback in the same context (ms)', 'llama_load_state_ms',
+     fmt_ms),
+    ('  of which llama_state_set_data (ms)', 'llama_state_set_ms', fmt_ms),
+    ('llama.cpp peer: load_state + decode of the kept token (ms)', 'llama_restore_step_ms',
+     fmt_ms),
+    ('llama.cpp peer: rollback in place by seq_rm (no saved state)', 'llama_seq_rm_rollback',
+     lambda value: 'accepted' if value else 'refused'),
+    ('llama.cpp peer: load_state continues identically', None, llama_continuation),
+    ("llama.cpp peer: greedy tokens equal to this engine's (leading)", None,
+     lambda row: '-' if 'llama_engine_agree' not in row else
+     f'{row["llama_engine_agree"]}/{row["llama_engine_compared"]}'),
+]
 
 
 def columns(results):
@@ -565,7 +861,10 @@ def table(results):
     header = '| metric | ' + ' | '.join(
         f'{MODELS[family]["title"]} @ {context}' for family, context, _ in cols) + ' |'
     lines = [header, '|---' * (1 + len(cols)) + '|']
-    for title, key, formatter in ROWS:
+    rows = ROWS
+    if any('llama_continues_identically' in row for _, _, row in cols):
+        rows = ROWS[:-1] + LLAMA_ROWS + ROWS[-1:]  # the load average stays last
+    for title, key, formatter in rows:
         cells = []
         for _, _, row in cols:
             value = row if key is None else row.get(key)
@@ -624,7 +923,27 @@ def targets(results):
                              f'{row[raw + "_min"]:.3f} ms, {ratio_min:.2f}x, '
                              f'{verdict(ratio_min, TARGET_RATIO)}')
                 lines.append(line + ')')
+            if 'llama_continues_identically' in row:
+                lines.append(llama_line(title, row))
     return '\n'.join(lines) + '\n'
+
+
+def llama_line(title, row):
+    """Describe the llama.cpp peer at one context: restores identically?, rollback, save."""
+    answer = 'yes' if row['llama_continues_identically'] else 'NO'
+    capsule_bytes = row['kv_bytes'] + row['state_bytes']
+    ours = "this engine's"
+    return (f'- {title} @ {row["context"]}: llama.cpp (same weights) continues identically '
+            f'after load_state: **{answer}** ({llama_continuation_detail(row)}); rollback: '
+            f'load_state {fmt_ms(row["llama_load_state_ms"])} ms '
+            f'(llama_state_set_data {fmt_ms(row["llama_state_set_ms"])} ms) vs {ours} '
+            f'rollback {fmt_ms(row["rollback_ms"])} ms '
+            f'({row["llama_load_state_ms"] / row["rollback_ms"]:.0f}x); save: save_state '
+            f'{fmt_ms(row["llama_save_state_ms"])} ms (llama_state_get_data '
+            f'{fmt_ms(row["llama_state_get_ms"])} ms) vs snapshot {fmt_ms(row["snapshot_ms"])} '
+            f'ms; state {fmt_bytes(row["llama_state_bytes"])} vs capsule '
+            f'{fmt_bytes(capsule_bytes)}; in-place rollback by seq_rm '
+            f'{"accepted" if row["llama_seq_rm_rollback"] else "refused"}')
 
 
 def runs(results):
@@ -635,6 +954,32 @@ def runs(results):
     return 'the run and ' + ', '.join(
         f'a rerun of {" ".join(run["families"])} @ {" ".join(map(str, run["contexts"]))} '
         f'(merged)' for run in later) + ' together'
+
+
+def llama_settings(llamacpp):
+    """Describe how the llama.cpp peer ran, or why it did not."""
+    if not llamacpp:
+        return 'llama.cpp peer: not part of this run.'
+    if llamacpp.get('skipped'):
+        return f'llama.cpp peer: skipped ({llamacpp["skipped"]}).'
+    return (
+        f'llama.cpp peer: llama-cpp-python {llamacpp["version"]} on the same random weights, '
+        f'written as a {llamacpp["dtype"]} GGUF by `bench/gguf_export.py` (its `--check` '
+        f'compares llama.cpp with transformers in fp32); n_ctx {llamacpp["n_ctx"]}, n_batch '
+        f'{llamacpp["n_batch"]}, {llamacpp["threads"]} threads, logits_all off; timed in the '
+        f'same interleaved rounds (each call after a decode step and the same pause). Its '
+        f'state holds the KV cells and the conv/recurrent state but no logits, so the caller '
+        f'keeps the token it sampled from the prefill\'s last logits: "continues identically" '
+        f'restores the state saved right after the prefill (into the same context, after the '
+        f'rounds evaluated other tokens), feeds that token and compares the next '
+        f'{llamacpp["continue_steps"]} greedy tokens and their logits with the run that never '
+        f"saved or loaded. The peer calls eval itself: llama-cpp-python 0.3.36's generate() "
+        f"after a load_state replays the last prompt token through seq_rm, which a hybrid's "
+        f'recurrent memory refuses, and then evaluates the whole prompt again. '
+        f"save_state and load_state are llama-cpp-python's: they also copy "
+        f'its logits array (n_batch x vocabulary floats) and the state bytes once more; the C '
+        f"calls under them are timed alone. llama.cpp's cheap rollback, seq_rm of the "
+        f'positions after the context, is tried once (n_rs_seq 0, the default).')
 
 
 def report(results):
@@ -648,14 +993,20 @@ def report(results):
              f'decode: median over {DECODE_STEPS}-step runs; cold prefill once per context; '
              f'torch {settings["torch"]}; {runs(results)} took '
              f'{results["elapsed_s"] / 60:.1f} min '
-             f'(model loading included, checkpoint writing not). The machine is shared: '
-             f'its load average is in the last row; the minimum of the rounds of every timed '
-             f'verb is in the JSON (`*_min`) and, for the verbs compared, in the table.', '']
+             f'(model loading included, checkpoint and GGUF writing not). The machine is '
+             f'shared: its load average is in the last row; the minimum of the rounds of every '
+             f'timed verb is in the JSON (`*_min`) and, for the verbs compared, in the table.',
+             '']
+    lines += [llama_settings(settings.get('llamacpp')), '']
     for family, data in results['families'].items():
         model = data['model']
-        lines.append(f'- {MODELS[family]["title"]}: {model["parameters"] / 1e6:.0f} M parameters '
-                     f'(MLP width {model["mlp_width"]}), slot of {model["slot_mib"]:.0f} MiB at '
-                     f'max_seq_len {model["max_seq_len"]}, loaded in {model["load_s"]:.0f} s')
+        line = (f'- {MODELS[family]["title"]}: {model["parameters"] / 1e6:.0f} M parameters '
+                f'(MLP width {model["mlp_width"]}), slot of {model["slot_mib"]:.0f} MiB at '
+                f'max_seq_len {model["max_seq_len"]}, loaded in {model["load_s"]:.0f} s')
+        if 'gguf' in model:
+            line += (f'; GGUF of {fmt_bytes(model["gguf"]["bytes"])} loaded by llama.cpp in '
+                     f'{model["gguf"]["load_s"]:.0f} s')
+        lines.append(line)
     lines += ['', table(results), '## Targets', '', targets(results)]
     left_out = [(family, context, reason) for family, data in results['families'].items()
                 for context, reason in data['left_out'].items()]
@@ -683,28 +1034,37 @@ def plot(results, path):
              ('restore_other_ms', 'restore into another session', 'x-', 'C2'),
              ('raw_copy_other_ms', 'raw copy of the same bytes', 'x:', 'C2'),
              ('step_ms', 'decode step', 's:', 'C3'),
-             ('cow_step_ms', 'decode step after a snapshot', 's-', 'C3')]
+             ('cow_step_ms', 'decode step after a snapshot', 's-', 'C3'),
+             ('llama_load_state_ms', 'llama.cpp load_state (its rollback)', '^-', 'C4'),
+             ('llama_save_state_ms', 'llama.cpp save_state', 'v-', 'C5')]
     for axis, family in zip(axes, families):
         rows = sorted(results['families'][family]['contexts'].values(),
                       key=lambda row: row['context'])
         contexts = [row['context'] for row in rows]
         for key, label, style, colour in lines:
-            axis.plot(contexts, [row[key] for row in rows], style, color=colour, label=label)
+            if all(key in row for row in rows):  # runs without the llama.cpp peer lack some
+                axis.plot(contexts, [row[key] for row in rows], style, color=colour,
+                          label=label)
         axis.set(xscale='log', yscale='log', xlabel='context tokens', ylabel='ms (median)',
                  title=f'{MODELS[family]["title"]}: capsule verbs vs raw copies')
         axis.set_xticks(contexts, [str(context) for context in contexts])
         axis.tick_params(axis='x', which='minor', labelbottom=False)
         axis.legend(fontsize=7)
     axis = axes[-1]
-    for family, style in zip(families, ('o', 's', '^')):
+    for family, style, colour in zip(families, ('o', 's', '^'), ('C0', 'C1', 'C2')):
         rows = sorted(results['families'][family]['contexts'].values(),
                       key=lambda row: row['context'])
         contexts = [row['context'] for row in rows]
         title = MODELS[family]['title']
-        axis.plot(contexts, [row['cold_ttft_ms'] for row in rows], f'{style}--',
+        axis.plot(contexts, [row['cold_ttft_ms'] for row in rows], f'{style}--', color=colour,
                   label=f'{title}: cold prefill + first token')
-        axis.plot(contexts, [row['ttft_restore_ms'] for row in rows], f'{style}-',
+        axis.plot(contexts, [row['ttft_restore_ms'] for row in rows], f'{style}-', color=colour,
                   label=f'{title}: restore + first token')
+        if all('llama_prefill_s' in row for row in rows):
+            axis.plot(contexts, [row['llama_prefill_s'] * 1000 for row in rows], f'{style}:',
+                      color=colour, label=f'{title}: llama.cpp cold prefill')
+            axis.plot(contexts, [row['llama_restore_step_ms'] for row in rows], f'{style}-.',
+                      color=colour, label=f'{title}: llama.cpp load_state + one decode step')
     axis.set(xscale='log', yscale='log', xlabel='context tokens', ylabel='ms',
              title='Time to first token: cold vs restored')
     every = sorted({int(context) for family in families
@@ -726,15 +1086,29 @@ def run(arguments):
     contexts = sorted(set(arguments.contexts))
     rounds = arguments.rounds or (QUICK_ROUNDS if arguments.quick else ROUNDS)
     directories = {family: model_dir(family) for family in arguments.families}
+    llamacpp = {'skipped': ('--no-llamacpp given' if arguments.no_llamacpp
+                            else llamacpp_missing())}
+    if llamacpp['skipped']:
+        log(f'llama.cpp peer skipped: {llamacpp["skipped"]}')
+        ggufs = {}
+    else:
+        ggufs = {family: gguf_model(family, directories[family])
+                 for family in arguments.families}
     writing_s = time.monotonic() - started
     deadline = started + writing_s + arguments.budget_minutes * 60
+    max_seq_len = arguments.max_seq_len or max(contexts) + 256
+    if ggufs:
+        import llama_cpp
+        llamacpp.update({'version': llama_cpp.__version__, 'dtype': LLAMA_DTYPE,
+                         'n_ctx': max_seq_len, 'n_batch': LLAMA_BATCH, 'threads': THREADS,
+                         'continue_steps': CONTINUE_STEPS})
     results = {'settings': {'contexts': contexts, 'rounds': rounds, 'threads': THREADS,
                             'torch': torch.__version__, 'quick': arguments.quick,
                             'budget_minutes': arguments.budget_minutes,
-                            'weight_gain': WEIGHT_GAIN},
+                            'weight_gain': WEIGHT_GAIN, 'llamacpp': llamacpp},
                'families': {}}
     engines = {}
-    max_seq_len = arguments.max_seq_len or max(contexts) + 256
+    peers = {}
     capsule_dir = Path(tempfile.mkdtemp(prefix='capsule-hybrids-'))
     try:
         for family in arguments.families:
@@ -749,6 +1123,13 @@ def run(arguments):
                           'config': MODELS[family]['config']})
             log(f'{family}: {model["parameters"] / 1e6:.0f} M parameters, MLP width '
                 f'{model["mlp_width"]}')
+            if family in ggufs:
+                log(f'{family}: loading {ggufs[family]} into llama.cpp (n_ctx {max_seq_len}) ...')
+                load_started = time.monotonic()
+                peers[family] = LlamaPeer(ggufs[family], max_seq_len)
+                model['gguf'] = {'path': str(ggufs[family]),
+                                 'bytes': ggufs[family].stat().st_size,
+                                 'load_s': time.monotonic() - load_started}
             results['families'][family] = {'model': model, 'contexts': {}, 'left_out': {}}
         # smallest contexts of every family first, then estimate the rest against the budget
         plan = [(family, context) for context in contexts for family in arguments.families]
@@ -764,10 +1145,13 @@ def run(arguments):
                 prefill_s, other_s = estimate(measured[family], context)
                 log(f'{family} @ {context}: estimated cold prefill {prefill_s:.0f} s + '
                     f'{other_s:.0f} s of verbs; {deadline - time.monotonic():.0f} s left')
-            row = measure_context(engines[family], family, context, rounds)
+            row = measure_context(engines[family], family, context, rounds,
+                                  peers.get(family))
             measured[family].append(row)
             results['families'][family]['contexts'][str(context)] = row
     finally:
+        for peer in peers.values():
+            peer.llama.close()
         shutil.rmtree(capsule_dir, ignore_errors=True)
     results['elapsed_s'] = time.monotonic() - started - writing_s
     results['writing_s'] = writing_s
@@ -787,6 +1171,8 @@ def merge(old, new):
         for context, reason in data['left_out'].items():
             if context not in kept['contexts']:
                 kept['left_out'][context] = reason
+    if not (old['settings'].get('llamacpp') or {}).get('version'):
+        old['settings']['llamacpp'] = new['settings'].get('llamacpp')  # the peer ran only now
     first = {'families': list(old['families']), 'contexts': old['settings']['contexts'],
              'elapsed_s': old['elapsed_s']}
     old['runs'] = old.get('runs', [first]) + new['runs']
@@ -812,6 +1198,9 @@ def main():
     parser.add_argument('--max-seq-len', type=int, default=0,
                         help='engine.max_seq_len (default: the largest context + 256; give the '
                              "first run's with --merge for the same slot layout)")
+    parser.add_argument('--no-llamacpp', action='store_true',
+                        help='leave out the llama.cpp peer (run where llama-cpp-python is '
+                             'installed)')
     parser.add_argument('--merge', action='store_true',
                         help='measure the given families and contexts again and replace them '
                              'in the existing JSON (e.g. a context a load spike spoiled)')
