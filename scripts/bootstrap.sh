@@ -216,7 +216,7 @@ if [[ $MODE == bench ]]; then
   else
     start=$SECONDS
     stage bench-deps 'building llama-cpp-python from source (about 8 min on 2 cores)'
-    CMAKE_ARGS="-DGGML_NATIVE=ON" pip_install matplotlib llama-cpp-python
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip_install matplotlib llama-cpp-python==0.3.36
     stage bench-deps "installed ($(elapsed $start))"
   fi
 fi
