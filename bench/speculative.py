@@ -43,7 +43,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 THREADS = 2
-DRAFTS = [2, 4, 8]
+DRAFTS = [2, 3, 4, 8]
 WORLD = """You are the task planner of a warehouse robot. The world:
 - dock_A (charging dock, south-east corner); dock_B (loading dock, north-west corner).
 - aisle_1 connects dock_A, shelf_north_1 and shelf_north_2.

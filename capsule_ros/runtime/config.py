@@ -150,7 +150,7 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int = -1
     speculative: str = 'off'  # off | lookup | mtp (SpeculativeMode)
-    num_draft_tokens: int = 4  # drafts verified per forward pass when speculating
+    num_draft_tokens: int = 3  # drafts verified per forward pass when speculating
 
     def __post_init__(self):
         """Validate."""

@@ -44,12 +44,14 @@ class PromptLookupDrafter:
     Drafts by prompt lookup: the tokens that followed the last occurrence of the current n-gram.
 
     Planners repeat entity names, locations and tool calls from their context, so the continuation
-    of an earlier occurrence of the last 1-3 tokens is often what comes next. The longest n-gram
-    with an earlier occurrence wins, and of its occurrences the most recent. Indexes are updated
-    per token (O(1)), never rebuilt.
+    of an earlier occurrence of the last 2-3 tokens is often what comes next. The longest n-gram
+    with an earlier occurrence wins, and of its occurrences the most recent. A single token is
+    too weak a match by default: on SmolLM2 it drafted 60 tokens for 5 accepted on a chat answer
+    (a 5-20% slowdown), two tokens 9 for 3, at the same acceptance on a planner. Indexes are
+    updated per token (O(1)), never rebuilt.
     """
 
-    def __init__(self, tokens: list[int], max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, tokens: list[int], max_ngram: int = 3, min_ngram: int = 2):
         """Index the session's tokens so far."""
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram

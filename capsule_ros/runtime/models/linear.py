@@ -22,6 +22,7 @@ weights, see capsule_ros.runtime.quantization.
 
 from dataclasses import dataclass
 
+from capsule_ros.runtime.config import MAX_DRAFT_TOKENS
 from capsule_ros.runtime.errors import InvalidArgumentError
 from capsule_ros.runtime.quantization import (int4_linear, int4_supported, Int4Weight,
                                               quantize_int4)
@@ -36,6 +37,12 @@ class PreparedLinear:
     dense: torch.Tensor  # [N, K] (or oneDNN's packed layout of it): prefill, and decode if no int4
     int4: Int4Weight | None = None  # decode weights when quantized
     bias: torch.Tensor | None = None  # [N]
+
+
+# Up to this many rows (a verify pass of speculative decoding: a token and its drafts) take the
+# decode kernels. The 4-bit kernel computes every row exactly as it computes a single row, so
+# a verify pass multiplies like that many one-token decode steps, bit for bit.
+DECODE_KERNEL_MAX_ROWS = MAX_DRAFT_TOKENS + 1
 
 
 class LinearFactory:
@@ -94,7 +101,7 @@ class LinearFactory:
 
     def apply(self, x: torch.Tensor, linear: PreparedLinear) -> torch.Tensor:
         """``x @ W.T + b`` for x [M, K]; returns [M, N]."""
-        if linear.int4 is not None and x.shape[0] == 1:  # one token: stream 4-bit weights
+        if linear.int4 is not None and x.shape[0] <= DECODE_KERNEL_MAX_ROWS:  # 4-bit weights
             out = int4_linear(x, linear.int4)
             return out if linear.bias is None else out + linear.bias
         if self.packed:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import json
 
 from capsule_ros.runtime.errors import InvalidArgumentError
-from capsule_ros.runtime.models.linear import LinearFactory
+from capsule_ros.runtime.models.linear import DECODE_KERNEL_MAX_ROWS, LinearFactory
 from capsule_ros.runtime.models.rope import rope_tables
 from capsule_ros.runtime.state import BufferSpec, StateKind
 import torch
@@ -229,13 +229,21 @@ class LlamaModel:
             kv[index, 1, :, start_pos:end_pos] = v
             keys = kv[index, 0, :, :end_pos]  # [Hkv, end, hd]
             values = kv[index, 1, :, :end_pos]  # [Hkv, end, hd]
-            if num_tokens == 1:
+            if num_tokens == 1 or (start_pos > 0 and num_tokens <= DECODE_KERNEL_MAX_ROWS):
                 # decode: the g query heads sharing a KV head act as g queries of one batch
                 # entry, which is faster than broadcasting KV to all heads; 4-D inputs take
-                # the fused (flash) CPU kernel, 3-D ones the slower composite path
-                grouped = q.reshape(1, config.num_kv_heads, self.group_size, head_dim)
-                attention = F.scaled_dot_product_attention(grouped, keys[None], values[None])
-                attention = attention.reshape(1, self.q_size)  # [1, H * hd]
+                # the fused (flash) CPU kernel, 3-D ones the slower composite path. A few
+                # tokens (a verify pass) run it row by row: each row then attends exactly as
+                # its one-token decode step would
+                rows = []
+                for row in range(num_tokens):
+                    grouped = q[:, row].reshape(1, config.num_kv_heads, self.group_size,
+                                                head_dim)
+                    end = start_pos + row + 1
+                    rows.append(F.scaled_dot_product_attention(
+                        grouped, keys[None, :, :end], values[None, :, :end]).reshape(
+                            1, self.q_size))
+                attention = rows[0] if num_tokens == 1 else torch.cat(rows)  # [S, H * hd]
             else:
                 attention = F.scaled_dot_product_attention(
                     q[None], keys[None], values[None], attn_mask=attn_mask,
