@@ -15,9 +15,10 @@
 Before / after: this tree's engine against an earlier commit's, on the default model.
 
 ``python bench/regression.py --before <commit> [--peer engine-bfloat16] [--rounds 3]`` checks the
-commit out into a temporary git worktree and runs ``bench/peers.py <peer>`` from each tree in
-alternating rounds (before, after, before, after, ...), so that the machine's drift hits both
-alike; it prints the medians side by side and writes ``bench/results/regression.md``.
+commit out into a temporary git worktree and runs this tree's ``bench/peers.py <peer>`` on each
+tree's runtime (one measurement method for both) in alternating rounds (before, after, before,
+after, ...), so that the machine's drift hits both alike; it prints the medians side by side
+and writes ``bench/results/regression.md``.
 """
 
 import argparse
@@ -39,8 +40,9 @@ METRICS = [('prefill_tok_s', 'prefill tok/s', 0), ('decode_tok_s', 'decode tok/s
 
 
 def run_tree(tree, peer, contexts, out):
-    """Run one peer from source tree ``tree``; return its results."""
-    command = [sys.executable, str(tree / 'bench' / 'peers.py'), peer, '--out', str(out),
+    """Run this tree's ``bench/peers.py`` on the runtime of ``tree``; return its results."""
+    # one measurement method for both: this tree's peers.py, the runtime from PYTHONPATH
+    command = [sys.executable, str(HERE / 'peers.py'), peer, '--out', str(out),
                '--contexts', *map(str, contexts)]
     environment = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS='2')
     subprocess.run(command, env=environment, check=True, cwd=tree)

@@ -131,10 +131,13 @@ class _Emitter:
             return True
         return False
 
+    def selected(self) -> None:
+        """Note the time the first token is known (TTFT: before it is run or verified)."""
+        if not self.generated and not self.first_token_s:
+            self.first_token_s = time.monotonic() - self.started
+
     def emit(self, token: int) -> bool:
         """Stream ``token``; return whether the generation ends with it."""
-        if not self.generated:
-            self.first_token_s = time.monotonic() - self.started
         self.generated.append(token)
         if token in self.eos_token_ids:  # streamed too: it is in the journal, as in token_ids
             if self.request.on_token:
@@ -195,6 +198,7 @@ def decode_loop(request: DecodeRequest, last_logits: Callable[[], torch.Tensor],
             token, replacement = replacement, None
         else:
             token = select_token(last_logits().float(), request.sampling, request.generator)
+        emitter.selected()
         drafts: list[int] = []
         if speculation is not None:
             budget = min(speculation.num_draft_tokens,
