@@ -490,7 +490,7 @@ def measure_context(engine, family, context, rounds, peer=None):
     main = engine.create_session(system_prompt=False)
     live = engine._sessions[main]
     layout = engine.layout
-    shared_names = engine.residency.shared_names
+    shared_names = engine.residency.overwritten_names  # conv, recurrent
     fixed_names = [spec.name for spec in layout.fixed_specs]
 
     log(f'{family} @ {context}: cold prefill ...')

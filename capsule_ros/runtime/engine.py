@@ -458,7 +458,7 @@ class PolicyEngine:
             with self._lock:
                 self.residency.prepare_write(session.slot, session.position)
             before = (self.residency.share_fixed(session.slot)
-                      if self.residency.shared_names else None)
+                      if self.residency.overwritten_names else None)
             last.update(start=session.position, tokens=token_ids, before=before)
             ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
             last['rows'] = self._forward(session, ids, all_logits=True)  # [T, V]

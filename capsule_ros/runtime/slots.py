@@ -22,9 +22,10 @@ copy-on-write:
   overwrites positions a capsule still needs (a rollback followed by new tokens, a restore of
   another capsule), exactly the doomed segments that exist nowhere else are copied into the
   capsule pool (``prepare_write``).
-- Overwritten state (conv, recurrent, MTP) changes with every token. A snapshot takes the
-  slot's current tensors by reference and marks them shared; the next forward pass reads them
-  and writes its result into fresh tensors, which become the slot's current ones
+- Overwritten state (conv, recurrent, MTP, and the last logits) changes with every token. A
+  snapshot takes the slot's current tensors by reference and marks them shared; the next
+  forward pass reads them and writes its result into fresh tensors, which become the slot's
+  current ones
   (``write_targets`` / ``commit_write``). A restore does the reverse: the slot takes the
   capsule's tensors by reference. Neither verb copies those bytes; the forward pass writes
   every element of its output anyway, so copy-on-write costs the next step nothing but an
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
 
 # Kinds written by every forward pass and captured by reference (copy-on-write).
 SHARED_KINDS = frozenset([StateKind.CONV, StateKind.RECURRENT, StateKind.MTP])
+# Meta buffers that every forward pass replaces whole, captured by reference as well: the last
+# logits (96 KiB for SmolLM2, 485 KiB for Qwen3.5) are then neither cloned by a snapshot nor
+# copied back by a rollback.
+SHARED_META = frozenset(['last_logits'])
 
 
 class Slot:
@@ -88,8 +93,12 @@ class SlotResidency:
         """Track the slots of ``layout`` against the capsule pool ``store``."""
         self.layout = layout
         self.store = store
-        self.shared_names = tuple(spec.name for spec in layout.fixed_specs
-                                  if spec.kind in SHARED_KINDS)
+        # the state a forward pass overwrites in the model (conv, recurrent, MTP)
+        self.overwritten_names = tuple(spec.name for spec in layout.fixed_specs
+                                       if spec.kind in SHARED_KINDS)
+        # everything captured by reference: that, and the meta buffers replaced whole
+        self.shared_names = self.overwritten_names + tuple(
+            spec.name for spec in layout.fixed_specs if spec.name in SHARED_META)
 
     # -- sequence state -------------------------------------------------------------------
 

@@ -217,7 +217,7 @@ def test_snapshot_and_rollback_share_the_overwritten_state_without_copying(engin
     session = engine.create_session(system_prompt=False)
     engine.append(session, tokens=prompt(20))
     slot = engine._sessions[session].slot
-    live = {name: slot.buffers[name] for name in engine.residency.shared_names}
+    live = {name: slot.buffers[name] for name in engine.residency.overwritten_names}
     assert live and set(live) <= {'conv', 'recurrent'}
     engine.snapshot(session, 'cow')
     fixed = engine.capsule('cow').fixed
@@ -275,3 +275,22 @@ def test_random_capsule_programs_match_replay(hybrid_dir, tmp_path, budget_bytes
     engine = make_engine(hybrid_dir, tmp_path, capsules={'budget_bytes': budget_bytes},
                          engine={'max_sessions': slots})
     run_capsule_programs(engine, max_examples=25, steps=25, max_open=3 if slots > 2 else 4)
+
+
+def test_snapshot_and_rollback_take_the_last_logits_by_reference(engine):
+    """The last logits are replaced whole by every step: captured like the conv state."""
+    session = engine.create_session(system_prompt=False)
+    engine.append(session, tokens=prompt(20))
+    slot = engine._sessions[session].slot
+    logits = slot.buffers['last_logits']
+    expected = logits.clone()
+    engine.snapshot(session, 'logits-cow')
+    assert engine.capsule('logits-cow').fixed['last_logits'].data_ptr() == logits.data_ptr()
+    engine.append(session, tokens=prompt(3, seed=9))  # a fresh tensor; the capsule's stays
+    assert slot.buffers['last_logits'].data_ptr() != logits.data_ptr()
+    assert torch.equal(engine.capsule('logits-cow').fixed['last_logits'], expected)
+    engine.restore('logits-cow')
+    assert slot.buffers['last_logits'].data_ptr() == logits.data_ptr()
+    assert torch.equal(engine.session_logits(session), expected.float())
+    engine.release('logits-cow')
+    close_all(engine)
