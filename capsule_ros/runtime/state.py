@@ -55,7 +55,7 @@ class BufferSpec:
     @property
     def num_bytes(self) -> int:
         """Bytes of the whole buffer."""
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def bytes_per_position(self) -> int:
         """Bytes one sequence position occupies (only for buffers with a sequence axis)."""
@@ -77,6 +77,10 @@ class StateLayout:
         self.by_name = {spec.name: spec for spec in specs}
         self.sequence_specs = tuple(spec for spec in specs if spec.seq_axis is not None)
         self.fixed_specs = tuple(spec for spec in specs if spec.seq_axis is None)
+        # asked on every snapshot: computed once
+        self._bytes_per_position = sum(spec.bytes_per_position()
+                                       for spec in self.sequence_specs)
+        self._fixed_bytes = sum(spec.num_bytes for spec in self.fixed_specs)
 
     def allocate(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Allocate every buffer once, zeroed (zero is the defined initial state)."""
@@ -89,11 +93,11 @@ class StateLayout:
 
     def sequence_bytes(self, num_positions: int) -> int:
         """Bytes of ``num_positions`` positions of every sequence buffer."""
-        return sum(spec.bytes_per_position() * num_positions for spec in self.sequence_specs)
+        return self._bytes_per_position * num_positions
 
     def fixed_bytes(self) -> int:
         """Bytes of the buffers captured whole (everything without a sequence axis)."""
-        return sum(spec.num_bytes for spec in self.fixed_specs)
+        return self._fixed_bytes
 
     def capsule_bytes(self, num_positions: int) -> int:
         """Bytes of a complete capsule at ``num_positions``, all of its segments included."""
