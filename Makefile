@@ -68,6 +68,7 @@ bench:
 	@scripts/bootstrap.sh bench
 	@scripts/env.sh python bench/run_all.py
 	@scripts/env.sh python bench/hybrids.py
+	@scripts/env.sh python bench/speculative.py
 
 clean:
 	rm -rf build install log .stamps build-jazzy install-jazzy log-jazzy .stamps-jazzy

@@ -208,7 +208,7 @@ def main():
         engine = make_engine(scratch)
         one_run(engine, planner_turns(), 8, 'lookup', 4)  # first-call allocations
         results = measure(engine, arguments.rounds, arguments.tokens)
-        model = engine.model_name
+        model = Path(engine.model_name).name
     text = report(results, arguments.rounds, arguments.tokens, model)
     print(text)
     (out / 'speculative.md').write_text(text)
