@@ -624,8 +624,13 @@ class Qwen35Model:
         return self.linears.apply(core.reshape(num_tokens, config.value_dim), layer['out_proj'])
 
     def _full_attention(self, h: torch.Tensor, layer: dict, start_pos: int, kv: torch.Tensor,
-                        cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        """Gated GQA attention for h [S, D] at start_pos, writing kv in place; returns [S, D]."""
+                        cos: torch.Tensor, sin_signed: torch.Tensor,
+                        first_key: int = 0) -> torch.Tensor:
+        """
+        Gated GQA attention for h [S, D] at start_pos, writing kv in place; returns [S, D].
+
+        Keys from ``first_key`` on are attended (an MTP head's cache starts at position 1).
+        """
         config = self.config
         num_tokens = h.shape[0]
         end_pos = start_pos + num_tokens
@@ -646,8 +651,8 @@ class Qwen35Model:
         q, k = qk.split((config.num_heads, config.num_kv_heads))  # [H | Hkv, S, hd]
         kv[index, 0, :, start_pos:end_pos] = k
         kv[index, 1, :, start_pos:end_pos] = v
-        keys = kv[index, 0, :, :end_pos]  # [Hkv, end, hd]
-        values = kv[index, 1, :, :end_pos]  # [Hkv, end, hd]
+        keys = kv[index, 0, :, first_key:end_pos]  # [Hkv, end - first_key, hd]
+        values = kv[index, 1, :, first_key:end_pos]  # [Hkv, end - first_key, hd]
         if num_tokens == 1:
             # decode: the g query heads sharing a KV head act as g queries of one batch
             # entry, which is faster than broadcasting KV to all heads; 4-D inputs take the
@@ -657,13 +662,13 @@ class Qwen35Model:
             attention = attention.reshape(1, self.q_size)  # [1, H hd]
         else:
             attn_mask = None
-            if start_pos > 0:
+            if start_pos > first_key:
                 # [S, end]: query i (at start_pos + i) sees keys j <= start_pos + i
-                key_positions = torch.arange(end_pos, device=self.device)
+                key_positions = torch.arange(first_key, end_pos, device=self.device)
                 query_positions = torch.arange(start_pos, end_pos, device=self.device)
                 attn_mask = key_positions[None, :] <= query_positions[:, None]
             attention = F.scaled_dot_product_attention(
                 q[None], keys[None], values[None], attn_mask=attn_mask,
-                is_causal=start_pos == 0, enable_gqa=True)  # [1, H, S, hd]
+                is_causal=start_pos == first_key, enable_gqa=True)  # [1, H, S, hd]
             attention = attention[0].transpose(0, 1).reshape(num_tokens, self.q_size)
         return self.linears.apply(attention * torch.sigmoid(gate), layer['o'])
