@@ -39,3 +39,9 @@ def ros_context():
         yield context
     finally:
         rclpy.try_shutdown(context=context)
+
+
+@pytest.fixture
+def context(ros_context):
+    """Yield ros_context under the name the node tests use (some override it per module)."""
+    yield ros_context

@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 from ament_index_python.packages import get_package_prefix
+from capsule_ros.ros.client import error_name
 from capsule_ros.ros.client import NoAnswerError
 
 PREFIX = pathlib.Path(get_package_prefix('capsule_ros'))
@@ -110,3 +111,9 @@ def run_cli(*arguments, timeout_s=TIMEOUT_S):
     return subprocess.run(
         [str(LIB / 'capsule_ctl'), '--timeout', str(timeout_s), *arguments],
         env=process_environment(), capture_output=True, text=True, timeout=10 * timeout_s)
+
+
+def ok(response):
+    """Assert a service response (or action result) succeeded; return it."""
+    assert response.success, f'{error_name(response.error_code)}: {response.message}'
+    return response

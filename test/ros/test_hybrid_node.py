@@ -22,30 +22,14 @@ transformers, loaded exactly as a user's download.
 
 from action_msgs.msg import GoalStatus
 from capsule_ros.ros.client import CapsuleClient
-from capsule_ros.ros.client import error_name
 from capsule_ros.runtime.testing import write_tiny_model
 from node_process import light_parameters
 from node_process import NodeProcess
+from node_process import ok
 import pytest
-import rclpy
 
 TIMEOUT_S = 30.0
 PROMPT = 'The robot stands at the dock. Plan the route to shelf C, avoiding aisle 3.'
-
-
-@pytest.fixture
-def context():
-    """Yield an rclpy context for the test."""
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
-def ok(response):
-    """Assert success; return the response."""
-    assert response.success, f'{error_name(response.error_code)}: {response.message}'
-    return response
 
 
 def generate(client, session_id, max_new_tokens=6):

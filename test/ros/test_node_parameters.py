@@ -36,8 +36,6 @@ from lifecycle_tools import counting_session
 from lifecycle_tools import diagnostic_values
 from lifecycle_tools import NodeControl
 from node_process import NodeProcess
-import pytest
-import rclpy
 
 TIMEOUT_S = 60.0
 # A read-only call while every session generates: answered in well under a second when a
@@ -46,15 +44,6 @@ LIST_BOUND_S = 10.0
 ANSWER_BOUND_S = 30.0  # cancel -> CANCELED result, with every session generating
 GENERATIONS = 5  # engine.max_sessions after the reconfigure, and generations run at once
 LOG_ERRORS = ('Traceback', 'Failed to send', 'RCLError', 'Error raised')
-
-
-@pytest.fixture
-def context():
-    """Yield an rclpy context for the test."""
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
 
 
 def arguments(**overrides):

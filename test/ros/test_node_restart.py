@@ -24,27 +24,11 @@ from capsule_ros.ros.client import CapsuleClient
 from capsule_ros.ros.client import error_name
 from node_process import light_parameters
 from node_process import NodeProcess
-import pytest
-import rclpy
+from node_process import ok
 
 TIMEOUT_S = 30.0
 PROMPT = ('The robot stands at the dock with 80 % battery. Plan the route to shelf C, '
           'avoiding aisle 3.')
-
-
-@pytest.fixture
-def context():
-    """Yield an rclpy context for the test."""
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
-def ok(response):
-    """Assert success; return the response."""
-    assert response.success, f'{error_name(response.error_code)}: {response.message}'
-    return response
 
 
 def run_node(tmp_path, name, context, dtype, work):

@@ -21,7 +21,6 @@ after a speculative generation continues exactly, and /diagnostics counts the dr
 
 from action_msgs.msg import GoalStatus
 from capsule_ros.ros.client import CapsuleClient
-from capsule_ros.ros.client import error_name
 from capsule_ros.runtime.config import PolicyConfig
 from capsule_ros.runtime.engine import PolicyEngine
 from capsule_ros.runtime.testing import write_tiny_model
@@ -29,27 +28,11 @@ from capsule_ros.srv import Append
 from diagnostic_msgs.msg import DiagnosticArray
 from node_process import light_parameters
 from node_process import NodeProcess
-import pytest
-import rclpy
+from node_process import ok
 
 TIMEOUT_S = 30.0
 PROMPT = ('Route: dock, aisle 2, shelf C, aisle 2, dock. Route: dock, aisle 4, shelf F, '
           'aisle 4, dock. Route: dock, aisle 2, shelf C, aisle 2, dock. Route: dock,')
-
-
-@pytest.fixture
-def context():
-    """Yield an rclpy context for the test."""
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
-def ok(response):
-    """Assert success; return the response."""
-    assert response.success, f'{error_name(response.error_code)}: {response.message}'
-    return response
 
 
 def generate(client, session_id, max_new_tokens):

@@ -22,9 +22,9 @@ import random
 
 from action_msgs.msg import GoalStatus
 from capsule_ros.ros.client import CapsuleClient
-from capsule_ros.ros.client import error_name
 from node_process import light_parameters
 from node_process import NodeProcess
+from node_process import ok
 import pytest
 import rclpy
 
@@ -49,12 +49,6 @@ def client(tmp_path_factory):
         assert process.stop() is not None
         assert 'Traceback' not in process.output(), process.output()
         rclpy.try_shutdown(context=context)
-
-
-def ok(response):
-    """Assert success; return the response."""
-    assert response.success, f'{error_name(response.error_code)}: {response.message}'
-    return response
 
 
 def generate(client, session_id='', prompt='', max_new_tokens=3):
