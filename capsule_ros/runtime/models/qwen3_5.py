@@ -333,7 +333,7 @@ def recurrent_gated_delta_step(query: torch.Tensor, key: torch.Tensor, value: to
     return (out_state * query[:, :, None]).sum(dim=-2)  # [H, dv]: q^T state
 
 
-class _Weights:
+class CheckpointWeights:
     """Source weights by text-model name, read in fp32 (to fuse and prepare) or in the dtype."""
 
     def __init__(self, weights: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -393,7 +393,7 @@ class Qwen35Model:
         self.device = device
         self.max_seq_len = max_seq_len
         self.linears = LinearFactory(dtype, device, quantization)
-        weights = _Weights(weights, dtype, device)
+        weights = CheckpointWeights(weights, dtype, device)
         source, norm_scale = weights.source, weights.norm_scale
         prepare = self.linears.prepare
         self.embed_tokens = weights.take('model.embed_tokens.weight')  # [V, D]
@@ -445,7 +445,7 @@ class Qwen35Model:
         self.rope_sin_signed = torch.cat(
             (-sin[:, :half], sin[:, half:]), dim=-1).to(device=device, dtype=dtype)  # [T, R]
 
-    def _linear_attention_weights(self, prefix: str, weights: _Weights) -> dict:
+    def _linear_attention_weights(self, prefix: str, weights: CheckpointWeights) -> dict:
         """Prepare one Gated DeltaNet layer: fused input projection, conv, decay, norm, out."""
         config = self.config
         source, take = weights.source, weights.take
@@ -465,7 +465,7 @@ class Qwen35Model:
             'out_proj': self.linears.prepare(source(prefix + 'out_proj.weight')),  # [D, Dv]
         }
 
-    def _full_attention_weights(self, prefix: str, weights: _Weights) -> dict:
+    def _full_attention_weights(self, prefix: str, weights: CheckpointWeights) -> dict:
         """Prepare one gated attention layer: q/k/v/gate in one matmul, q/k norms, output."""
         config = self.config
         source, take = weights.source, weights.take

@@ -35,6 +35,7 @@ valid for positions ``[1, position)``. Not wired into the engine yet: drafting w
 """
 
 from capsule_ros.runtime.errors import InvalidArgumentError
+from capsule_ros.runtime.models.qwen3_5 import CheckpointWeights
 from capsule_ros.runtime.models.qwen3_5 import FULL_ATTENTION, Qwen35Model
 from capsule_ros.runtime.state import BufferSpec, StateKind
 import torch
@@ -60,31 +61,25 @@ class Qwen35MtpHead:
                 f'{sorted(layers) or "none"}')
         self.model = model
         linears = model.linears
-
-        def source(name):
-            return weights[PREFIX + name].to(device=model.device, dtype=torch.float32,
-                                             copy=True)
-
-        def norm_scale(name):
-            return 1.0 + weights[PREFIX + name].to(device=model.device,
-                                                   dtype=model.dtype).float()
-
-        self.embedding_norm = norm_scale('pre_fc_norm_embedding.weight')  # [D] fp32
-        self.hidden_norm = norm_scale('pre_fc_norm_hidden.weight')  # [D] fp32
-        self.fc = linears.prepare(source('fc.weight'), quantize=False)  # [D, 2D]
-        self.output_norm = norm_scale('norm.weight')  # [D] fp32
-        layer_weights = _LayerWeights(weights, PREFIX + 'layers.0.', model)
-        mlp = 'mlp.'
+        # the head's weights by their names under mtp., read as the main model reads its own
+        head = CheckpointWeights({name[len(PREFIX):]: tensor
+                                  for name, tensor in weights.items() if name.startswith(PREFIX)},
+                                 model.dtype, model.device)
+        self.embedding_norm = head.norm_scale('pre_fc_norm_embedding.weight')  # [D] fp32
+        self.hidden_norm = head.norm_scale('pre_fc_norm_hidden.weight')  # [D] fp32
+        self.fc = linears.prepare(head.source('fc.weight'), quantize=False)  # [D, 2D]
+        self.output_norm = head.norm_scale('norm.weight')  # [D] fp32
+        layer, mlp = 'layers.0.', 'layers.0.mlp.'
         self.layer = {
             'type': FULL_ATTENTION,
             'ordinal': 0,  # the head's own KV buffer holds this one layer
-            'input_norm': layer_weights.norm_scale('input_layernorm.weight'),
-            'post_attention_norm': layer_weights.norm_scale('post_attention_layernorm.weight'),
-            'gate_up': linears.prepare(torch.cat([layer_weights.source(mlp + 'gate_proj.weight'),
-                                                  layer_weights.source(mlp + 'up_proj.weight')])),
-            'down': linears.prepare(layer_weights.source(mlp + 'down_proj.weight')),
+            'input_norm': head.norm_scale(layer + 'input_layernorm.weight'),
+            'post_attention_norm': head.norm_scale(layer + 'post_attention_layernorm.weight'),
+            'gate_up': linears.prepare(torch.cat([head.source(mlp + 'gate_proj.weight'),
+                                                  head.source(mlp + 'up_proj.weight')])),
+            'down': linears.prepare(head.source(mlp + 'down_proj.weight')),
         }
-        self.layer.update(model._full_attention_weights('self_attn.', layer_weights))
+        self.layer.update(model._full_attention_weights(layer + 'self_attn.', head))
 
     def state_spec(self) -> BufferSpec:
         """Describe the head's KV buffer: [1, 2, Hkv, T, hd], valid from 1 to the position."""
@@ -125,26 +120,3 @@ class Qwen35MtpHead:
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """Fp32 logits [S, V] of the head's output hidden states [S, D] (the shared head)."""
         return self.model.linears.apply(out, self.model.lm_head).float()
-
-
-class _LayerWeights:
-    """The MTP decoder layer's weights by their in-layer names, as Qwen35Model's helpers read."""
-
-    def __init__(self, weights: dict[str, torch.Tensor], prefix: str, model: Qwen35Model):
-        self.weights = {name[len(prefix):]: tensor for name, tensor in weights.items()
-                        if name.startswith(prefix)}
-        self.names = set(self.weights)
-        self.model = model
-
-    def source(self, name: str) -> torch.Tensor:
-        return self.weights[name].to(device=self.model.device, dtype=torch.float32, copy=True)
-
-    def take(self, name: str) -> torch.Tensor:
-        return self.weights[name].to(device=self.model.device,
-                                     dtype=self.model.dtype).contiguous()
-
-    def optional(self, name: str) -> torch.Tensor | None:
-        return self.take(name) if name in self.names else None
-
-    def norm_scale(self, name: str) -> torch.Tensor:
-        return 1.0 + self.take(name).float()
