@@ -59,6 +59,27 @@ SAMPLER_TEMPERATURE, SAMPLER_TOP_P = range(2)
 
 
 @dataclass(frozen=True)
+class SessionMeta:
+    """The session scalars a capsule's meta state encodes (``scalars`` and ``sampler``)."""
+
+    position: int
+    turn: TurnState
+    has_logits_flag: int  # 0 or 1 when valid; kept raw so a load can check it
+    sampling: SamplingConfig
+
+    @classmethod
+    def decode(cls, fixed: dict[str, torch.Tensor]) -> 'SessionMeta':
+        """Read them from fixed state; ValueError when a turn or sampling value is invalid."""
+        scalars = fixed['scalars'].tolist()
+        sampler = fixed['sampler'].tolist()
+        return cls(scalars[SCALAR_POSITION], TurnState(scalars[SCALAR_TURN]),
+                   scalars[SCALAR_HAS_LOGITS],
+                   SamplingConfig(temperature=sampler[SAMPLER_TEMPERATURE],
+                                  top_k=scalars[SCALAR_TOP_K], top_p=sampler[SAMPLER_TOP_P],
+                                  seed=scalars[SCALAR_SEED]))
+
+
+@dataclass(frozen=True)
 class RestoreResult:
     """Outcome of ``restore``."""
 
@@ -629,14 +650,11 @@ class PolicyEngine:
         for spec in self.layout.fixed_specs:
             if spec.name not in self.residency.shared_names:
                 buffers[spec.name].copy_(fixed[spec.name])
-        scalars = buffers['scalars'].tolist()
-        session.position = scalars[SCALAR_POSITION]
-        session.turn = TurnState(scalars[SCALAR_TURN])
-        session.has_logits = bool(scalars[SCALAR_HAS_LOGITS])
-        sampler = buffers['sampler'].tolist()
-        session.sampling = SamplingConfig(
-            temperature=sampler[SAMPLER_TEMPERATURE], top_k=scalars[SCALAR_TOP_K],
-            top_p=sampler[SAMPLER_TOP_P], seed=scalars[SCALAR_SEED])
+        meta = SessionMeta.decode(buffers)
+        session.position = meta.position
+        session.turn = meta.turn
+        session.has_logits = bool(meta.has_logits_flag)
+        session.sampling = meta.sampling
         session.generator.set_state(buffers['rng_state'].clone())
 
     def restore(self, capsule_id: str, session_id: str = '') -> RestoreResult:
@@ -777,18 +795,14 @@ class PolicyEngine:
                                      self.max_seq_len, self.model_config.vocab_size)
         manifest = saved.manifest
         position = manifest['position']
-        scalars = saved.fixed['scalars'].tolist()
-        sampler = saved.fixed['sampler'].tolist()
         try:
-            if scalars[SCALAR_POSITION] != position:
-                raise ValueError(f'its state says position {scalars[SCALAR_POSITION]}, its '
-                                 f'manifest and data {position}')
-            TurnState(scalars[SCALAR_TURN])
-            if scalars[SCALAR_HAS_LOGITS] != int(position > 0):
-                raise ValueError(f'has-logits flag {scalars[SCALAR_HAS_LOGITS]} at position '
+            meta = SessionMeta.decode(saved.fixed)  # what a restore of it will read
+            if meta.position != position:
+                raise ValueError(f'its state says position {meta.position}, its manifest and '
+                                 f'data {position}')
+            if meta.has_logits_flag != int(position > 0):
+                raise ValueError(f'has-logits flag {meta.has_logits_flag} at position '
                                  f'{position}')
-            SamplingConfig(temperature=sampler[SAMPLER_TEMPERATURE], top_k=scalars[SCALAR_TOP_K],
-                           top_p=sampler[SAMPLER_TOP_P], seed=scalars[SCALAR_SEED])
             new_generator(0).set_state(saved.fixed['rng_state'])
         except (ValueError, RuntimeError) as error:
             raise CorruptCapsuleError(
