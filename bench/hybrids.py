@@ -173,7 +173,7 @@ def write_model(family, target, stamp):
     """Write a random-weight bf16 checkpoint of ``family`` with the bundled tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from capsule_ros.runtime import loader
+    from capsule_ros.runtime.testing import copy_bundled_tokenizer
 
     started = time.monotonic()
     values = dict(MODELS[family]['config'])
@@ -198,11 +198,7 @@ def write_model(family, target, stamp):
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.save_pretrained(staging)
-        tokenizer_source = loader.resolve_model('').directory
-        for name in ('tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja',
-                     'special_tokens_map.json'):
-            if (tokenizer_source / name).is_file():
-                shutil.copy(tokenizer_source / name, staging / name)
+        copy_bundled_tokenizer(staging)
         (staging / 'complete.json').write_text(json.dumps(
             {'stamp': stamp, 'parameters': num_params}, indent=1))
     except BaseException:

@@ -80,11 +80,17 @@ def write_tiny_model(directory: Path, overrides: dict | None = None, seed: int =
             parameter.normal_(0.0, 0.2)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
+    copy_bundled_tokenizer(directory)
+    return directory
+
+
+def copy_bundled_tokenizer(directory: Path) -> None:
+    """Copy the bundled SmolLM2 tokenizer files into a checkpoint directory."""
+    tokenizer_source = loader.resolve_model('').directory
     for name in ('tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja',
                  'special_tokens_map.json'):
         if (tokenizer_source / name).is_file():
-            shutil.copy(tokenizer_source / name, directory / name)
-    return directory
+            shutil.copy(tokenizer_source / name, Path(directory) / name)
 
 
 def capsule_program_machine(speculative: str = 'off'):
