@@ -134,6 +134,15 @@ def managed(tmp_path_factory, context):
     assert_clean_log(process.output())
 
 
+def wait_for_new_session(client, sessions_before, background, what):
+    """Wait until the work in ``background`` (an append or a goal) has opened its session."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while set(client.list_capsules().sessions) == sessions_before:
+        assert time.monotonic() < deadline, f'the {what} never opened its session'
+        assert not background.done.is_set(), background.error or background.outcome
+        time.sleep(0.1)
+
+
 def test_deactivate_during_a_generation_sends_its_result(managed, context):
     """
     The generating client gets ABORTED (NOT_AVAILABLE, a reason); the node reactivates.
@@ -179,11 +188,7 @@ def test_deactivate_during_a_long_append_answers_it(managed, context):
         return client.append(long_prompt(LONG_PROMPT_ITEMS), role=Append.Request.ROLE_RAW)
 
     append = Background(context, 'deactivated_append', work, timeout_s=LOST_AFTER_S)
-    deadline = time.monotonic() + TIMEOUT_S
-    while set(managed.client.list_capsules().sessions) == sessions_before:
-        assert time.monotonic() < deadline, 'the append never opened its session'
-        assert not append.done.is_set(), append.outcome
-        time.sleep(0.1)
+    wait_for_new_session(managed.client, sessions_before, append, 'append')
     requested = time.monotonic()
     assert managed.control.change_state(Transition.TRANSITION_DEACTIVATE), (
         managed.process.output())
@@ -209,11 +214,7 @@ def test_deactivate_during_a_goal_prefill_sends_its_result(managed, context):
                                result_timeout_s=LOST_AFTER_S)
 
     generation = Background(context, 'deactivated_prefill', work, timeout_s=TIMEOUT_S)
-    deadline = time.monotonic() + TIMEOUT_S
-    while set(managed.client.list_capsules().sessions) == sessions_before:
-        assert time.monotonic() < deadline, 'the goal never opened its session'
-        assert not generation.done.is_set(), generation.error or generation.outcome
-        time.sleep(0.1)
+    wait_for_new_session(managed.client, sessions_before, generation, 'goal')
     requested = time.monotonic()
     assert managed.control.change_state(Transition.TRANSITION_DEACTIVATE), (
         managed.process.output())
@@ -242,11 +243,7 @@ def test_cancel_during_the_prompt_prefill_stops_between_chunks(managed, context)
             max_new_tokens=4, cancel=cancel, result_timeout_s=LOST_AFTER_S)
 
     generation = Background(context, 'canceled_prefill', work, timeout_s=TIMEOUT_S)
-    deadline = time.monotonic() + TIMEOUT_S
-    while set(managed.client.list_capsules().sessions) == sessions_before:
-        assert time.monotonic() < deadline, 'the goal never opened its session'
-        assert not generation.done.is_set(), generation.error or generation.outcome
-        time.sleep(0.1)
+    wait_for_new_session(managed.client, sessions_before, generation, 'goal')
     canceled_at = time.monotonic()
     cancel.set()  # the client sends the cancel request while the prompt is prefilled
     status, result = generation.join(LOST_AFTER_S)
@@ -313,11 +310,7 @@ def test_sigint_during_a_long_append_answers_it(tmp_path, context):
         return worker.append(long_prompt(LONG_PROMPT_ITEMS), role=Append.Request.ROLE_RAW)
 
     def wait_started(client, background):
-        deadline = time.monotonic() + TIMEOUT_S
-        while not client.list_capsules().sessions:
-            assert time.monotonic() < deadline, 'the append never opened its session'
-            assert not background.done.is_set(), background.error or background.outcome
-            time.sleep(0.1)
+        wait_for_new_session(client, set(), background, 'append')
 
     response = sigint_during(tmp_path, context, 'sigint_append', work, wait_started)
     failed_with(response, 'NOT_AVAILABLE', 'shut')
