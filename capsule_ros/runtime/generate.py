@@ -133,7 +133,7 @@ class _Emitter:
 
     def selected(self) -> None:
         """Note the time the first token is known (TTFT: before it is run or verified)."""
-        if not self.generated and not self.first_token_s:
+        if not self.generated:
             self.first_token_s = time.monotonic() - self.started
 
     def emit(self, token: int) -> bool:
@@ -223,11 +223,9 @@ def decode_loop(request: DecodeRequest, last_logits: Callable[[], torch.Tensor],
                 break
             if emitter.emit(candidate):
                 break
-        if emitted < len(run) or emitter.reason is not None:
-            replacement = None  # a stop: the replacement is never emitted
         if emitted < 1 + len(drafts):
             speculation.keep(emitted)
         speculation.drafter.extend(run[1:emitted])
         if emitter.reason is not None:
-            break
+            break  # a stop (a pending replacement is never emitted)
     return emitter.result(drafted, accepted_total)
