@@ -21,10 +21,16 @@ Two workloads, greedy, the node's default engine settings (bf16, 4-bit decode we
   planners do);
 - chat: a short open question, whose answer seldom repeats its context (the overhead case).
 
-Per workload it runs plain decoding and lookup with k = 2, 4, 8 drafts per pass in interleaved
-rounds (every variant once per round; medians), and reports decode tok/s, the speed-up,
-acceptance (accepted / drafted), tokens per forward pass, and whether the tokens equal plain
-greedy decoding's (else the first divergent step). Run from the repository root::
+Per workload it runs plain decoding and lookup with k = 2, 3, 4, 8 drafts per pass in
+interleaved rounds (every variant once per round; medians), and reports decode tok/s, the
+speed-up, acceptance (accepted / drafted), tokens per forward pass, and whether the tokens equal
+plain greedy decoding's (else the first divergent step).
+
+MTP drafting has no trained head for SmolLM2, so a random one (``write_random_mtp_head``) shows
+the mechanism's cost on the planner workload: keeping the head's state in step (one more
+decoder layer per forward pass, prefill included) and drafting with it (k head steps and a
+verify pass of k + 1 rows per round, nearly every draft rejected), against an engine without
+MTP state, in the same interleaved rounds. Run from the repository root::
 
     PYTHONPATH=. python bench/speculative.py [--rounds 5] [--tokens 160] [--out bench/results]
 
@@ -75,14 +81,28 @@ def log(line):
     print(f'[speculative] {line}', file=sys.stderr, flush=True)
 
 
-def make_engine(scratch):
-    """Load the default model with the node's default engine settings."""
+def make_engine(scratch, model_path='', **generation):
+    """Load the default model (or ``model_path``) with the node's default engine settings."""
     from capsule_ros.runtime.config import PolicyConfig
     from capsule_ros.runtime.engine import PolicyEngine
     return PolicyEngine(PolicyConfig.from_dict({
+        'model': {'path': str(model_path)}, 'generation': generation,
         'engine': {'max_seq_len': 4096, 'max_sessions': 2},
         'capsules': {'dir': str(Path(scratch) / 'capsules')}}),
         progress=lambda message: log(message))
+
+
+def with_random_mtp_head(scratch):
+    """Link the default model's files into a scratch directory and add a random MTP head."""
+    from capsule_ros.runtime import loader
+    from capsule_ros.runtime.testing import write_random_mtp_head
+    source = loader.resolve_model('', progress=lambda message: log(message)).directory
+    target = Path(scratch) / 'smollm2-random-mtp'
+    target.mkdir()
+    for item in source.iterdir():
+        (target / item.name).symlink_to(item)
+    log('writing a random MTP head for the default model')
+    return write_random_mtp_head(target, seed=0)
 
 
 def planner_turns():
@@ -97,12 +117,14 @@ def one_run(engine, turns, tokens, mode, drafts):
     """Generate ``tokens`` greedily after ``turns``; return the tokens and the decode rate."""
     session = engine.create_session(system_prompt=False)
     try:
-        for role, text in turns:
-            engine.append(session, text, role=role)
+        started = time.perf_counter()
+        prompt_tokens = sum(engine.append(session, text, role=role) for role, text in turns)
+        prefill_s = time.perf_counter() - started
         started = time.perf_counter()
         result = engine.generate(session, tokens, speculative=mode, num_draft_tokens=drafts)
         elapsed = time.perf_counter() - started
         return {'tokens': list(result.token_ids), 'seconds': elapsed,
+                'prefill_tok_s': prompt_tokens / prefill_s,
                 'tok_s': len(result.token_ids) / elapsed, 'drafted': result.drafted_tokens,
                 'accepted': result.accepted_tokens}
     finally:
@@ -150,6 +172,58 @@ def measure(engine, rounds, tokens):
                 'identical': divergence is None, 'first_divergence': divergence,
                 'rounds': len(runs), 'tok_s_all': [run['tok_s'] for run in runs]})
     return results
+
+
+MTP_VARIANTS = [('no MTP state', 'plain', 'off', 1),
+                ('MTP state kept, no drafts', 'mtp', 'off', 1),
+                ('MTP k=1', 'mtp', 'mtp', 1), ('MTP k=3', 'mtp', 'mtp', 3)]
+
+
+def measure_mtp(engines, rounds, tokens):
+    """Measure the random MTP head's cost on the planner workload against an engine without."""
+    turns = planner_turns()
+    samples = {variant: [] for variant in MTP_VARIANTS}
+    for round_index in range(rounds):
+        order = MTP_VARIANTS if round_index % 2 == 0 else list(reversed(MTP_VARIANTS))
+        for variant in order:
+            name, engine, mode, drafts = variant
+            log(f'round {round_index + 1}/{rounds}: planner, {name}')
+            samples[variant].append(one_run(engines[engine], turns, tokens, mode, drafts))
+    plain = samples[MTP_VARIANTS[0]]
+    plain_rate = statistics.median(run['tok_s'] for run in plain)
+    plain_prefill = statistics.median(run['prefill_tok_s'] for run in plain)
+    results = []
+    for variant in MTP_VARIANTS:
+        runs = samples[variant]
+        rate = statistics.median(run['tok_s'] for run in runs)
+        prefill = statistics.median(run['prefill_tok_s'] for run in runs)
+        drafted = sum(run['drafted'] for run in runs)
+        accepted = sum(run['accepted'] for run in runs)
+        divergence = first_divergence(runs[0]['tokens'], plain[0]['tokens'])
+        results.append({
+            'variant': variant[0], 'tok_s': rate, 'relative': rate / plain_rate,
+            'prefill_tok_s': prefill, 'prefill_relative': prefill / plain_prefill,
+            'drafted': drafted, 'accepted': accepted, 'identical': divergence is None,
+            'first_divergence': divergence, 'tok_s_all': [run['tok_s'] for run in runs]})
+    return results
+
+
+def report_mtp(results, rounds, tokens):
+    """Markdown table of the MTP mechanism's cost."""
+    lines = ['', "## MTP drafting with a random head (the mechanism's cost)", '',
+             f'Planner workload, greedy, {tokens} new tokens; medians of {rounds} interleaved '
+             f'rounds. A random head drafts nothing useful: this is the cost of keeping its '
+             f'state (one more decoder layer per forward pass) and of drafting with it.', '',
+             '| variant | decode tok/s | vs no MTP state | prefill tok/s | vs no MTP state | '
+             'accepted / drafted | tokens = plain greedy |', '|---|---|---|---|---|---|---|']
+    for row in results:
+        acceptance = f"{row['accepted']} / {row['drafted']}" if row['drafted'] else '-'
+        identical = ('yes' if row['identical']
+                     else f"no (first difference at token {row['first_divergence']})")
+        lines.append(f"| {row['variant']} | {row['tok_s']:.1f} | {row['relative']:.2f}x | "
+                     f"{row['prefill_tok_s']:.0f} | {row['prefill_relative']:.2f}x | "
+                     f'{acceptance} | {identical} |')
+    return '\n'.join(lines) + '\n'
 
 
 def report(results, rounds, tokens, model):
@@ -209,10 +283,16 @@ def main():
         one_run(engine, planner_turns(), 8, 'lookup', 4)  # first-call allocations
         results = measure(engine, arguments.rounds, arguments.tokens)
         model = Path(engine.model_name).name
-    text = report(results, arguments.rounds, arguments.tokens, model)
+        mtp_engine = make_engine(scratch, with_random_mtp_head(scratch), speculative='mtp')
+        one_run(mtp_engine, planner_turns(), 8, 'mtp', 3)
+        mtp_results = measure_mtp({'plain': engine, 'mtp': mtp_engine}, arguments.rounds,
+                                  arguments.tokens)
+    text = (report(results, arguments.rounds, arguments.tokens, model)
+            + report_mtp(mtp_results, arguments.rounds, arguments.tokens))
     print(text)
     (out / 'speculative.md').write_text(text)
-    (out / 'speculative.json').write_text(json.dumps(results, indent=1))
+    (out / 'speculative.json').write_text(json.dumps({'lookup': results, 'mtp': mtp_results},
+                                                     indent=1))
     plot(results, out / 'speculative.png')
     log(f'wrote {out}/speculative.md, .json, .png')
 

@@ -43,17 +43,21 @@ from capsule_ros.runtime.errors import (BudgetExceededError,
 from capsule_ros.runtime.generate import (decode_loop, DecodeRequest, GenerationResult,
                                           StopReason)
 from capsule_ros.runtime.models import registry
+from capsule_ros.runtime.models.mtp import has_mtp_head, MTP_HIDDEN, MtpHead
 from capsule_ros.runtime.sampling import new_generator
 from capsule_ros.runtime.slots import Segment, Slot, SlotResidency
-from capsule_ros.runtime.speculative import PromptLookupDrafter, Speculation
+from capsule_ros.runtime.speculative import MtpDrafter, PromptLookupDrafter, Speculation
 from capsule_ros.runtime.state import BufferSpec, StateKind, StateLayout
 
 import torch
 
 MAX_BRANCHES = 64
 MAX_OPEN_SESSIONS = 4096  # sessions beyond the slots live in the capsule pool, under its budget
-# meta scalars: [position, turn state, has last logits, sampler top_k, sampler seed]
-SCALAR_POSITION, SCALAR_TURN, SCALAR_HAS_LOGITS, SCALAR_TOP_K, SCALAR_SEED = range(5)
+# meta scalars: [position, turn state, has last logits, sampler top_k, sampler seed,
+# drafts verified, drafts accepted] (the last two: the session's speculation counters)
+(SCALAR_POSITION, SCALAR_TURN, SCALAR_HAS_LOGITS, SCALAR_TOP_K, SCALAR_SEED, SCALAR_DRAFTED,
+ SCALAR_ACCEPTED) = range(7)
+NUM_SCALARS = 7
 # sampler floats: [temperature, top_p]
 SAMPLER_TEMPERATURE, SAMPLER_TOP_P = range(2)
 
@@ -66,6 +70,8 @@ class SessionMeta:
     turn: TurnState
     has_logits_flag: int  # 0 or 1 when valid; kept raw so a load can check it
     sampling: SamplingConfig
+    drafted: int  # the session's speculation counters
+    accepted: int
 
     @classmethod
     def decode(cls, fixed: dict[str, torch.Tensor]) -> 'SessionMeta':
@@ -76,7 +82,8 @@ class SessionMeta:
                    scalars[SCALAR_HAS_LOGITS],
                    SamplingConfig(temperature=sampler[SAMPLER_TEMPERATURE],
                                   top_k=scalars[SCALAR_TOP_K], top_p=sampler[SAMPLER_TOP_P],
-                                  seed=scalars[SCALAR_SEED]))
+                                  seed=scalars[SCALAR_SEED]),
+                   scalars[SCALAR_DRAFTED], scalars[SCALAR_ACCEPTED])
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ class Session:
         self.parent_id = ''  # lineage parent for the next snapshot
         self.sampling = sampling
         self.generator = new_generator(max(sampling.seed, 0))
+        self.drafted = self.accepted = 0  # speculation: drafts verified and accepted, in all
         self.busy = threading.Lock()
 
     @property
@@ -159,6 +167,14 @@ class PolicyEngine:
                 f'{self.model_config.max_position_embeddings} positions')
         self.model = registry.build_model(self.model_config, weights, self.dtype, self.device,
                                           max_seq_len, self.config.model.quantization)
+        # the MTP head and its state only where MTP drafts are asked for: keeping its state
+        # costs one more decoder layer per forward pass
+        self.checkpoint_has_mtp = has_mtp_head(weights)
+        self.mtp = None
+        if self.config.generation.speculative == SpeculativeMode.MTP.value:
+            if not self.checkpoint_has_mtp:
+                raise InvalidArgumentError(self._no_mtp_head())
+            self.mtp = MtpHead(self.model, weights)
         del weights
         self.tokenizer = loader.load_tokenizer(files.directory)
         self.chat = ChatFormatter(self.tokenizer)
@@ -166,17 +182,16 @@ class PolicyEngine:
         self.max_seq_len = max_seq_len
         vocab_size = self.model_config.vocab_size
         rng_bytes = torch.Generator().get_state().numel()
-        self.layout = StateLayout(self.model.state_specs() + [
+        mtp_specs = self.mtp.state_specs() if self.mtp is not None else []
+        self.layout = StateLayout(self.model.state_specs() + mtp_specs + [
             BufferSpec('tokens', StateKind.META, (max_seq_len,), torch.int64, seq_axis=0),
             # the model computes logits in its own dtype, so storing them in it is lossless
             BufferSpec('last_logits', StateKind.META, (vocab_size,), self.dtype),
             BufferSpec('rng_state', StateKind.META, (rng_bytes,), torch.uint8),
-            BufferSpec('scalars', StateKind.META, (5,), torch.int64),
+            BufferSpec('scalars', StateKind.META, (NUM_SCALARS,), torch.int64),
             BufferSpec('sampler', StateKind.META, (2,), torch.float64),
         ])
         self.fingerprint = self._fingerprint(files.weights_sha256)
-        if self.config.generation.speculative == SpeculativeMode.MTP.value:
-            raise InvalidArgumentError(self._no_mtp_head())
         report(f'allocating {self.config.engine.max_sessions} slots of '
                f'{self.layout.slot_bytes() / (1 << 20):.0f} MiB')
         self._free_slots = [Slot(index, self.layout.allocate(self.device))
@@ -365,6 +380,12 @@ class PolicyEngine:
                 return []
             return self._state_view(session, 'tokens')[:session.position].tolist()
 
+    def session_speculation(self, session_id: str) -> tuple[int, int]:
+        """Return the drafts the session has verified and accepted (carried by its capsules)."""
+        with self._lock:
+            session = self._session(session_id)
+            return session.drafted, session.accepted
+
     def session_logits(self, session_id: str) -> torch.Tensor:
         """Return a copy of the session's last logits [V] (what the next token is sampled from)."""
         with self._lock:
@@ -432,71 +453,96 @@ class PolicyEngine:
                 progress(offset + piece.shape[0], len(token_ids))
 
     def _forward(self, session: Session, ids: torch.Tensor,
-                 all_logits: bool = False) -> torch.Tensor:
+                 all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         One forward pass of ``ids`` [S] at the session's position; the session advances.
 
-        Returns fp32 logits [S, V] with ``all_logits``, else [V]; the last row becomes the
-        session's last logits either way.
+        Returns fp32 logits [S, V] with ``all_logits``, else [V] (the last row becomes the
+        session's last logits either way), and with an MTP head the final hidden states
+        [S, D] (the MTP state has advanced over ``ids`` as well), else None.
         """
         slot = session.slot
         start = session.position
         targets = self.residency.write_targets(slot)
-        logits = self.model.forward(ids, start, slot.buffers, all_logits=all_logits,
-                                    out_state=targets)
+        hidden = None
+        if self.mtp is None:
+            logits = self.model.forward(ids, start, slot.buffers, all_logits=all_logits,
+                                        out_state=targets)
+        else:
+            logits, hidden = self.model.forward(ids, start, slot.buffers,
+                                                all_logits=all_logits, out_state=targets,
+                                                return_hidden=True)
+            self.mtp.advance(ids, hidden, start, slot.buffers, targets)
         self.residency.commit_write(slot, targets)
         buffers = slot.buffers
         buffers['tokens'][start:start + ids.shape[0]] = ids
         buffers['last_logits'].copy_(logits[-1] if all_logits else logits)
         session.position = start + ids.shape[0]
         session.has_logits = True
-        return logits
+        return logits, hidden
 
     def _no_mtp_head(self) -> str:
+        if self.checkpoint_has_mtp:
+            return ('speculative mtp: the MTP head keeps its state from the first token on, '
+                    'so it is set up at configure: set parameter generation.speculative: mtp')
         return (f'parameter generation.speculative: mtp needs a multi-token-prediction head, '
-                f'and this {self.model.family} model loads none; use lookup or off')
+                f'and this {self.model.family} checkpoint has none (no mtp.* weights); use '
+                f'lookup or off')
 
-    def _speculation(self, session: Session, mode: SpeculativeMode,
-                     num_draft_tokens: int) -> Speculation | None:
+    def _speculation(self, session: Session, mode: SpeculativeMode, num_draft_tokens: int,
+                     sampling: SamplingConfig) -> Speculation | None:
         """
         Drafting, verification and rollback for one generation in ``session`` (held).
 
-        Rollback after a rejected draft: KV and the token journal are append-only, so moving
-        the position back undoes them, and the verify pass's row of the last kept token becomes
-        the last logits. Conv and recurrent state are overwritten by every token and cannot be
-        un-applied: the verify pass writes them copy-on-write (the state before it is kept by
-        reference, no copy), and a partial accept puts that state back and runs the kept
-        tokens again, which costs one more forward pass of at most k tokens only when a draft
-        was rejected.
+        Rollback after a rejected draft: KV, the MTP head's KV and the token journal are
+        append-only, so moving the position back undoes them, and the verify pass's rows of
+        the last kept token become the last logits (and the MTP head's last hidden state).
+        Conv and recurrent state are overwritten by every token and cannot be un-applied:
+        the verify pass writes them copy-on-write (the state before it is kept by reference,
+        no copy), and a partial accept puts that state back and runs the kept tokens again,
+        which costs one more forward pass of at most k tokens only when a draft was rejected.
+        Keeping per-position states instead would cost a copy of every recurrent state per
+        verified token on every pass, accepted or not.
         """
         if mode is SpeculativeMode.OFF or num_draft_tokens == 0:
             return None
-        if mode is SpeculativeMode.MTP:
+        if mode is SpeculativeMode.MTP and self.mtp is None:
             raise InvalidArgumentError(self._no_mtp_head())
+        slot = session.slot
+        # conv / recurrent state: put back and re-run; MTP's last hidden alone: a verify row
+        rerun = any(name != MTP_HIDDEN for name in self.residency.overwritten_names)
         last: dict = {}  # the latest verify pass: where it started, its tokens, the state before
 
-        def verify(token_ids: list[int]) -> torch.Tensor:
+        def prepare_write() -> None:
             with self._lock:
-                self.residency.prepare_write(session.slot, session.position)
-            before = (self.residency.share_fixed(session.slot)
-                      if self.residency.overwritten_names else None)
+                self.residency.prepare_write(slot, session.position)
+
+        def verify(token_ids: list[int]) -> torch.Tensor:
+            prepare_write()
+            before = self.residency.share_fixed(slot) if rerun else None
             last.update(start=session.position, tokens=token_ids, before=before)
             ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-            last['rows'] = self._forward(session, ids, all_logits=True)  # [T, V]
-            return last['rows']
+            last['rows'], last['hidden'] = self._forward(session, ids, all_logits=True)
+            return last['rows']  # [T, V]
 
         def keep(count: int) -> None:
-            if last['before'] is None:
+            if not rerun:
                 session.position = last['start'] + count
-                session.slot.buffers['last_logits'].copy_(last['rows'][count - 1])
+                slot.buffers['last_logits'].copy_(last['rows'][count - 1])
+                if last['hidden'] is not None:
+                    slot.buffers[MTP_HIDDEN].copy_(last['hidden'][count - 1])
                 return
-            self.residency.adopt_fixed(session.slot, last['before'])
+            self.residency.adopt_fixed(slot, last['before'])
             session.position = last['start']
             ids = torch.tensor(last['tokens'][:count], dtype=torch.int64, device=self.device)
             self._forward(session, ids)
 
-        journal = session.slot.buffers['tokens'][:session.position].tolist()
-        return Speculation(PromptLookupDrafter(journal), num_draft_tokens, verify, keep)
+        if mode is SpeculativeMode.MTP:
+            drafter = MtpDrafter(self.mtp, lambda: slot.buffers, lambda: session.position,
+                                 prepare_write, sampling, session.generator)
+        else:
+            drafter = PromptLookupDrafter(slot.buffers['tokens'][:session.position].tolist())
+        return Speculation(drafter, num_draft_tokens, verify, keep)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (special tokens in the text are recognized)."""
@@ -583,7 +629,9 @@ class PolicyEngine:
                 step=lambda token: self._run(session, [token]),
                 room=lambda: self.max_seq_len - session.position, tokenizer=self.tokenizer,
                 eos_token_ids=self.eos_token_ids, started=started,
-                speculation=self._speculation(session, speculative, num_draft_tokens))
+                speculation=self._speculation(session, speculative, num_draft_tokens, active))
+            session.drafted += result.drafted_tokens
+            session.accepted += result.accepted_tokens
             with self._lock:
                 self.speculation_totals['drafted'] += result.drafted_tokens
                 self.speculation_totals['accepted'] += result.accepted_tokens
@@ -636,6 +684,8 @@ class PolicyEngine:
         scalars[SCALAR_HAS_LOGITS] = int(session.has_logits)
         scalars[SCALAR_TOP_K] = session.sampling.top_k
         scalars[SCALAR_SEED] = session.sampling.seed
+        scalars[SCALAR_DRAFTED] = session.drafted
+        scalars[SCALAR_ACCEPTED] = session.accepted
         buffers['sampler'][SAMPLER_TEMPERATURE] = session.sampling.temperature
         buffers['sampler'][SAMPLER_TOP_P] = session.sampling.top_p
         buffers['rng_state'].copy_(session.generator.get_state())
@@ -655,6 +705,7 @@ class PolicyEngine:
         session.turn = meta.turn
         session.has_logits = bool(meta.has_logits_flag)
         session.sampling = meta.sampling
+        session.drafted, session.accepted = meta.drafted, meta.accepted
         session.generator.set_state(buffers['rng_state'].clone())
 
     def restore(self, capsule_id: str, session_id: str = '') -> RestoreResult:

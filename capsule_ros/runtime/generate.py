@@ -212,7 +212,8 @@ def decode_loop(request: DecodeRequest, last_logits: Callable[[], torch.Tensor],
             continue
         rows = speculation.verify([token] + drafts)  # [1 + k, V]
         accepted, replacement = accept_drafts(drafts, rows, request.sampling,
-                                              request.generator)
+                                              request.generator,
+                                              speculation.drafter.probabilities)
         drafted += len(drafts)
         accepted_total += accepted
         run = [token] + drafts[:accepted]

@@ -14,6 +14,10 @@
 """
 Speculative decoding: drafters propose tokens, one forward pass of the model verifies them.
 
+Two drafters share one interface (``extend`` the context, ``propose`` up to k tokens,
+``probabilities``: the drafts' distributions or None for one-hot): prompt lookup, which needs
+no weights, and the model's multi-token-prediction head (``capsule_ros.runtime.models.mtp``).
+
 A round of the decode loop picks the next token ``t0`` as plain decoding would, asks the
 drafter for up to k tokens that may follow it, and runs ``[t0, d1 .. dk]`` in one forward pass.
 Row ``i`` of its logits is what plain decoding would have seen after ``d_i`` (``t0`` for row
@@ -51,6 +55,8 @@ class PromptLookupDrafter:
     updated per token (O(1)), never rebuilt.
     """
 
+    probabilities = None  # one-hot drafts (the rejection rule's q)
+
     def __init__(self, tokens: list[int], max_ngram: int = 3, min_ngram: int = 2):
         """Index the session's tokens so far."""
         self.max_ngram = max_ngram
@@ -81,11 +87,69 @@ class PromptLookupDrafter:
         return []
 
 
+class MtpDrafter:
+    """
+    Drafts with the model's MTP head, chained: each draft and the head's output feed the next.
+
+    The first step pairs the selected token (at the session's position) with the main model's
+    last hidden state; step i runs at position + i and writes the head's KV there, beyond the
+    session's position, where the verify pass's MTP advance overwrites it before anything
+    reads it. Greedy sessions draft the argmax; sampling sessions draw from the head's
+    distribution (the session's temperature, top-k, top-p) with the session's RNG and hand
+    the distributions to the rejection rule (``probabilities`` [k, V]).
+    """
+
+    def __init__(self, head, state: Callable[[], dict[str, torch.Tensor]],
+                 position: Callable[[], int], prepare_write: Callable[[], None],
+                 sampling: SamplingConfig, generator: torch.Generator):
+        """Draft from the slot buffers ``state()`` at ``position()``."""
+        self.head = head
+        self.state = state
+        self.position = position
+        self.prepare_write = prepare_write  # copy-on-write before writing beyond the position
+        self.sampling = sampling
+        self.generator = generator
+        self.probabilities: torch.Tensor | None = None
+        self.last_token: int | None = None
+
+    def extend(self, tokens: list[int]) -> None:
+        """Note the tokens that follow the context (the last one is the next to draft after)."""
+        if tokens:
+            self.last_token = int(tokens[-1])
+
+    def propose(self, num_tokens: int) -> list[int]:
+        """Up to ``num_tokens`` drafts that follow the last token (a chain of head steps)."""
+        self.probabilities = None
+        if num_tokens <= 0 or self.last_token is None:
+            return []
+        self.prepare_write()
+        state = self.state()
+        position = self.position()
+        kv = state['mtp_kv']
+        hidden = state['mtp_hidden'][None]  # [1, D]
+        token = self.last_token
+        drafts, distributions = [], []
+        for offset in range(num_tokens):
+            ids = torch.tensor([token], dtype=torch.int64, device=kv.device)
+            hidden = self.head.forward(ids, hidden, position + offset, kv)  # [1, D]
+            logits = self.head.logits(hidden)[0]  # [V] fp32
+            if self.sampling.is_greedy:
+                token = int(torch.argmax(logits))
+            else:
+                distribution = token_distribution(logits, self.sampling)  # [V]
+                token = sample_from(distribution, self.generator)
+                distributions.append(distribution)
+            drafts.append(token)
+        if distributions:
+            self.probabilities = torch.stack(distributions)  # [k, V]
+        return drafts
+
+
 @dataclass
 class Speculation:
     """What the decode loop needs to speculate: a drafter and the engine's verify and keep."""
 
-    drafter: PromptLookupDrafter
+    drafter: PromptLookupDrafter | MtpDrafter
     num_draft_tokens: int
     # run tokens at the session's position in one forward pass; returns fp32 logits [T, V]
     verify: Callable[[list[int]], torch.Tensor]

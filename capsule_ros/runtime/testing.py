@@ -84,6 +84,58 @@ def write_tiny_model(directory: Path, overrides: dict | None = None, seed: int =
     return directory
 
 
+# the attention layer an MTP block copies its shapes from, and its norm weight, per family
+MTP_TEMPLATE_NORM = {'llama': 'input_layernorm.weight', 'lfm2': 'operator_norm.weight',
+                     'qwen3_5': 'input_layernorm.weight'}
+
+
+def write_random_mtp_head(directory: Path, seed: int = 0, std: float | None = None) -> Path:
+    """
+    Add a random MTP head (``mtp.*`` in ``mtp.safetensors``) to the checkpoint in ``directory``.
+
+    The block ``mtp.layers.0.*`` has the shapes and names of the model's first attention
+    layer, its matrices drawn with ``std`` (default: each source matrix's own) and its norms
+    copied; ``mtp.fc`` is drawn with std 1 / sqrt(2 D). No real drafts are expected from it:
+    it exercises the MTP state and the mechanism's cost.
+    """
+    from safetensors.torch import save_file
+
+    from capsule_ros.runtime.models import registry
+
+    directory = Path(directory)
+    hf_config, weights = loader.load_hf_directory(directory)
+    family = registry.family_of(hf_config)
+    config = registry.config_from_hf(hf_config)
+    layer_types = getattr(config, 'layer_types', None) or ['full_attention']
+    index = list(layer_types).index('full_attention')
+    source = next(prefix for prefix in (f'model.layers.{index}.',
+                                        f'model.language_model.layers.{index}.')
+                  if any(name.startswith(prefix) for name in weights))
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(shape, scale):
+        return torch.randn(shape, generator=generator) * scale
+
+    head = {}
+    for name, tensor in weights.items():
+        if not name.startswith(source):
+            continue
+        tensor = tensor.float()
+        if tensor.dim() == 1:
+            head['mtp.layers.0.' + name[len(source):]] = tensor.clone()
+        else:
+            head['mtp.layers.0.' + name[len(source):]] = draw(
+                tensor.shape, std if std is not None else float(tensor.std()))
+    norm = weights[source + MTP_TEMPLATE_NORM[family]].float()
+    hidden_size = norm.shape[0]
+    for name in ('pre_fc_norm_embedding', 'pre_fc_norm_hidden', 'norm'):
+        head[f'mtp.{name}.weight'] = norm.clone()
+    head['mtp.fc.weight'] = draw((hidden_size, 2 * hidden_size), (2 * hidden_size) ** -0.5)
+    save_file({name: tensor.contiguous() for name, tensor in head.items()},
+              directory / 'mtp.safetensors', metadata={'format': 'pt'})
+    return directory
+
+
 def copy_bundled_tokenizer(directory: Path) -> None:
     """Copy the bundled SmolLM2 tokenizer files into a checkpoint directory."""
     tokenizer_source = loader.resolve_model('').directory

@@ -17,14 +17,14 @@ Qwen3.5's MTP head against transformers 5.x's generic ``MtpModel`` (random weigh
 transformers drops a Qwen3.5 checkpoint's ``mtp.*`` weights; its ``MtpModel`` (enorm, hnorm,
 eh_proj, mtp_block, post_norm, the shared head) is the numerical reference. Every parameter of
 it is randomized (norms included), renamed to the checkpoint's names and loaded into
-``Qwen35MtpHead``. Then the head's hidden states and logits at every position match, in one
+``MtpHead``. Then the head's hidden states and logits at every position match, in one
 pass and step by step against its own KV cache, and a chained step (depth 2) matches
 ``MtpModel`` fed its own output.
 """
 
 from capsule_ros.runtime.errors import InvalidArgumentError
+from capsule_ros.runtime.models.mtp import has_mtp_head, MtpHead
 from capsule_ros.runtime.models.qwen3_5 import Qwen35Config, Qwen35Model
-from capsule_ros.runtime.models.qwen3_5_mtp import has_mtp_head, Qwen35MtpHead
 from capsule_ros.runtime.testing import TINY_CONFIGS
 import pytest
 import torch
@@ -66,7 +66,7 @@ def pair():
     ours = Qwen35Model(Qwen35Config.from_hf(config.to_dict()), weights, torch.float32,
                        torch.device('cpu'), MAX_SEQ_LEN)
     assert has_mtp_head(weights) and not has_mtp_head(main.state_dict())
-    return main, mtp, ours, Qwen35MtpHead(ours, weights)
+    return main, mtp, ours, MtpHead(ours, weights)
 
 
 def reference(main, mtp, ids):
@@ -82,7 +82,7 @@ def reference(main, mtp, ids):
 
 
 def new_kv(head):
-    return torch.zeros(head.state_spec().shape, dtype=torch.float32)
+    return torch.zeros(head.state_specs()[0].shape, dtype=torch.float32)
 
 
 def test_head_matches_transformers_mtp_model_in_one_pass(pair):
@@ -127,4 +127,4 @@ def test_position_zero_and_more_than_one_layer_are_refused(pair):
         head.forward(torch.tensor([1]), torch.zeros(1, 64), 0, new_kv(head))
     weights = {'mtp.layers.0.x': torch.zeros(1), 'mtp.layers.1.x': torch.zeros(1)}
     with pytest.raises(InvalidArgumentError, match='exactly one layer'):
-        Qwen35MtpHead(ours, weights)
+        MtpHead(ours, weights)

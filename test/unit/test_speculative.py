@@ -31,12 +31,10 @@ from capsule_ros.runtime.speculative import accept_drafts, PromptLookupDrafter
 from capsule_ros.runtime.testing import run_capsule_programs, write_tiny_model
 from conftest import make_engine
 import pytest
+from speculation_tools import FAMILIES, REPEATING, run, SAMPLING, scripted_drafts
 import torch
 
-FAMILIES = ['llama', 'lfm2', 'qwen3_5_text']
-REPEATING = 'the red cup is on the table. the blue cup is on the shelf. ' * 3
 PLAIN = 'Where should the robot put the cup after cleaning the kitchen?'
-SAMPLING = SamplingConfig(temperature=0.05, top_k=8, seed=11)
 
 
 @pytest.fixture(scope='module', params=FAMILIES)
@@ -61,9 +59,7 @@ class ScriptedDrafter(PromptLookupDrafter):
         start = len(self.tokens)
         if start < 2 or self.tokens[:start] != self.reference[:start]:
             return super().propose(num_tokens)
-        drafts = self.reference[start:start + num_tokens]
-        return [token + 1 if (start + index) % 5 == 3 else token
-                for index, token in enumerate(drafts)]
+        return scripted_drafts(self.reference, start, num_tokens)
 
 
 @pytest.fixture
@@ -73,15 +69,6 @@ def scripted(engine, monkeypatch):
     monkeypatch.setattr(ScriptedDrafter, 'reference', journal)
     monkeypatch.setattr('capsule_ros.runtime.engine.PromptLookupDrafter', ScriptedDrafter)
     return journal
-
-
-def run(engine, prompt, steps, sampling=None, **speculation):
-    session = engine.create_session(sampling=sampling, system_prompt=False)
-    engine.append(session, prompt, role='raw')
-    result = engine.generate(session, steps, reply=False, **speculation)
-    state = (engine.session_tokens(session), engine.session_logits(session))
-    engine.close_session(session)
-    return result, state
 
 
 # -- the drafter ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import json
 
 from capsule_ros.runtime.errors import InvalidArgumentError
+from capsule_ros.runtime.models.decoder import causal_mask, final_logits
 from capsule_ros.runtime.models.linear import LinearFactory
 from capsule_ros.runtime.models.rope import rope_tables
 from capsule_ros.runtime.state import BufferSpec, StateKind
@@ -179,9 +180,7 @@ class Lfm2Model:
         prepare = self.linears.prepare
 
         def source(name):  # fp32, as stored
-            if name not in weights:
-                raise InvalidArgumentError(f'LFM2 checkpoint lacks weight {name}')
-            return weights[name].to(device=device, dtype=torch.float32)
+            return self._source(weights, name)
 
         def take(name):
             return source(name).to(dtype).contiguous()
@@ -201,48 +200,26 @@ class Lfm2Model:
         self.layers = []
         for index, kind in enumerate(config.layer_types):
             prefix = f'model.layers.{index}.'
-            feed_forward = prefix + 'feed_forward.'
-            w1 = source(feed_forward + 'w1.weight')  # [I, D]
-            if w1.shape != (config.intermediate_size, hidden_size):
-                raise InvalidArgumentError(
-                    f'{feed_forward}w1.weight has shape {tuple(w1.shape)}, the config gives '
-                    f'{(config.intermediate_size, hidden_size)} (block_* fields)')
-            layer = {
-                'kind': kind,
-                'operator_norm': take(prefix + 'operator_norm.weight'),  # [D]
-                'ffn_norm': take(prefix + 'ffn_norm.weight'),  # [D]
-                # [2 * I, D]: one matmul for gate (w1) and up (w3)
-                'w13': prepare(torch.cat([w1, source(feed_forward + 'w3.weight')])),
-                'w2': prepare(source(feed_forward + 'w2.weight')),  # [D, I]
-            }
             if kind == ATTENTION_LAYER:
-                attention = prefix + 'self_attn.'
-                # [(H + 2 * Hkv) * hd, D]: one matmul for q, k and v
-                layer['qkv'] = prepare(torch.cat(
-                    [source(attention + f'{p}_proj.weight') for p in 'qkv']))
-                layer['out_proj'] = prepare(source(attention + 'out_proj.weight'))  # [D, H hd]
-                # [H + Hkv, 1, hd]: q_layernorm for the query heads, k_layernorm for the keys
-                layer['qk_norm'] = torch.cat([
-                    take(attention + 'q_layernorm.weight').expand(config.num_heads, -1),
-                    take(attention + 'k_layernorm.weight').expand(config.num_kv_heads, -1),
-                ])[:, None]
-            else:
-                conv = prefix + 'conv.'
-                conv_weight = source(conv + 'conv.weight')  # [D, 1, K]: depthwise
-                if conv_weight.shape != (hidden_size, 1, kernel_size):
-                    raise InvalidArgumentError(
-                        f'{conv}conv.weight has shape {tuple(conv_weight.shape)}, expected '
-                        f'{(hidden_size, 1, kernel_size)} (conv_L_cache)')
-                # [K, D]: the kernel rounded to the model dtype as transformers' conv
-                # weight is, then kept in fp32 for the accumulation
-                layer['conv_taps'] = conv_weight[:, 0].to(dtype).float().t().contiguous()
-                bias = conv_bias(conv + 'conv.bias')  # [D], rounded like the taps
-                layer['conv_bias'] = None if bias is None else bias.to(dtype).float()
-                # [3 D, D]: B, C and x, in this order along the output
-                layer['in_proj'] = prepare(source(conv + 'in_proj.weight'),
-                                           conv_bias(conv + 'in_proj.bias'))
-                layer['out_proj'] = prepare(source(conv + 'out_proj.weight'),
-                                            conv_bias(conv + 'out_proj.bias'))  # [D, D]
+                self.layers.append(self.attention_layer_weights(weights, prefix))
+                continue
+            layer = self._feed_forward_weights(weights, prefix, kind)
+            conv = prefix + 'conv.'
+            conv_weight = source(conv + 'conv.weight')  # [D, 1, K]: depthwise
+            if conv_weight.shape != (hidden_size, 1, kernel_size):
+                raise InvalidArgumentError(
+                    f'{conv}conv.weight has shape {tuple(conv_weight.shape)}, expected '
+                    f'{(hidden_size, 1, kernel_size)} (conv_L_cache)')
+            # [K, D]: the kernel rounded to the model dtype as transformers' conv weight is,
+            # then kept in fp32 for the accumulation
+            layer['conv_taps'] = conv_weight[:, 0].to(dtype).float().t().contiguous()
+            bias = conv_bias(conv + 'conv.bias')  # [D], rounded like the taps
+            layer['conv_bias'] = None if bias is None else bias.to(dtype).float()
+            # [3 D, D]: B, C and x, in this order along the output
+            layer['in_proj'] = prepare(source(conv + 'in_proj.weight'),
+                                       conv_bias(conv + 'in_proj.bias'))
+            layer['out_proj'] = prepare(source(conv + 'out_proj.weight'),
+                                        conv_bias(conv + 'out_proj.bias'))  # [D, D]
             self.layers.append(layer)
         # the ordinal of each layer within its kind: its index into the kv or conv buffer
         self.state_index = {}
@@ -261,6 +238,56 @@ class Lfm2Model:
         self.kv_size = config.num_kv_heads * config.head_dim
         self.group_size = config.num_heads // config.num_kv_heads
         self.qk_heads = config.num_heads + config.num_kv_heads
+
+    def _source(self, weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """Weight ``name`` in fp32 on the device, as stored; refused by name when missing."""
+        if name not in weights:
+            raise InvalidArgumentError(f'LFM2 checkpoint lacks weight {name}')
+        return weights[name].to(device=self.device, dtype=torch.float32)
+
+    def _feed_forward_weights(self, weights: dict[str, torch.Tensor], prefix: str,
+                              kind: str) -> dict:
+        """Prepare the norms and SwiGLU MLP of layer ``prefix*``, which every layer has."""
+        config = self.config
+        feed_forward = prefix + 'feed_forward.'
+        w1 = self._source(weights, feed_forward + 'w1.weight')  # [I, D]
+        if w1.shape != (config.intermediate_size, config.hidden_size):
+            raise InvalidArgumentError(
+                f'{feed_forward}w1.weight has shape {tuple(w1.shape)}, the config gives '
+                f'{(config.intermediate_size, config.hidden_size)} (block_* fields)')
+        return {
+            'kind': kind,
+            'operator_norm': self.norm_weight(
+                self._source(weights, prefix + 'operator_norm.weight')),  # [D]
+            'ffn_norm': self.norm_weight(self._source(weights, prefix + 'ffn_norm.weight')),
+            # [2 * I, D]: one matmul for gate (w1) and up (w3)
+            'w13': self.linears.prepare(
+                torch.cat([w1, self._source(weights, feed_forward + 'w3.weight')])),
+            'w2': self.linears.prepare(self._source(weights, feed_forward + 'w2.weight')),
+        }
+
+    def attention_layer_weights(self, weights: dict[str, torch.Tensor], prefix: str) -> dict:
+        """Prepare attention layer ``prefix*`` (a main layer or an MTP head's block)."""
+        config = self.config
+        layer = self._feed_forward_weights(weights, prefix, ATTENTION_LAYER)
+        attention = prefix + 'self_attn.'
+        # [(H + 2 * Hkv) * hd, D]: one matmul for q, k and v
+        layer['qkv'] = self.linears.prepare(torch.cat(
+            [self._source(weights, attention + f'{p}_proj.weight') for p in 'qkv']))
+        layer['out_proj'] = self.linears.prepare(
+            self._source(weights, attention + 'out_proj.weight'))  # [D, H hd]
+        # [H + Hkv, 1, hd]: q_layernorm for the query heads, k_layernorm for the keys
+        layer['qk_norm'] = torch.cat([
+            self.norm_weight(self._source(weights, attention + 'q_layernorm.weight')).expand(
+                config.num_heads, -1),
+            self.norm_weight(self._source(weights, attention + 'k_layernorm.weight')).expand(
+                config.num_kv_heads, -1),
+        ])[:, None]
+        return layer
+
+    def norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return the scale ``_rms_norm`` applies for a checkpoint's norm weight."""
+        return weight.to(device=self.device, dtype=self.dtype).contiguous()
 
     @property
     def weights_format(self) -> str:
@@ -285,8 +312,12 @@ class Lfm2Model:
 
     def _attention(self, layer: dict, h: torch.Tensor, kv: torch.Tensor, start_pos: int,
                    cos: torch.Tensor, sin_signed: torch.Tensor,
-                   attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """GQA of ``h`` [S, D]: write its keys and values into ``kv`` [2, Hkv, T, hd], read all."""
+                   attn_mask: torch.Tensor | None, first_key: int = 0) -> torch.Tensor:
+        """
+        GQA of ``h`` [S, D]: write its keys and values into ``kv`` [2, Hkv, T, hd], read all.
+
+        Keys from ``first_key`` on are attended (an MTP head's cache starts at position 1).
+        """
         config = self.config
         head_dim = config.head_dim
         num_tokens = h.shape[0]
@@ -302,8 +333,8 @@ class Lfm2Model:
         q, k = qk.split((config.num_heads, config.num_kv_heads))  # [H | Hkv, S, hd]
         kv[0, :, start_pos:end_pos] = k
         kv[1, :, start_pos:end_pos] = v
-        keys = kv[0, :, :end_pos]  # [Hkv, end, hd]
-        values = kv[1, :, :end_pos]  # [Hkv, end, hd]
+        keys = kv[0, :, first_key:end_pos]  # [Hkv, end - first_key, hd]
+        values = kv[1, :, first_key:end_pos]  # [Hkv, end - first_key, hd]
         if num_tokens == 1:
             # decode: the g query heads sharing a KV head act as g queries of one batch entry,
             # which is faster than broadcasting KV to all heads; 4-D inputs take the fused
@@ -344,10 +375,35 @@ class Lfm2Model:
         y = c * conv.to(self.dtype)  # [S, D]
         return self.linears.apply(y, layer['out_proj'])
 
+    def block_forward(self, layer: dict, x: torch.Tensor, start_pos: int, kv: torch.Tensor,
+                      first_key: int = 0) -> torch.Tensor:
+        """
+        One attention layer over x [S, D] at ``start_pos``, writing kv [2, Hkv, T, hd].
+
+        Keys from ``first_key`` on are attended (an MTP head's cache starts at position 1).
+        """
+        end_pos = start_pos + x.shape[0]
+        cos = self.rope_cos[start_pos:end_pos][None]  # [1, S, hd]
+        sin_signed = self.rope_sin_signed[start_pos:end_pos][None]  # [1, S, hd]
+        attn_mask, _ = causal_mask(start_pos, end_pos, first_key, self.device)
+        h = self._rms_norm(x, layer['operator_norm'])
+        x = x + self._attention(layer, h, kv, start_pos, cos, sin_signed, attn_mask, first_key)
+        return self._feed_forward(layer, x)
+
+    def _feed_forward(self, layer: dict, x: torch.Tensor) -> torch.Tensor:
+        h = self._rms_norm(x, layer['ffn_norm'])
+        gate, up = self.linears.apply(h, layer['w13']).chunk(2, dim=-1)  # [S, I] each
+        return x + self.linears.apply(F.silu(gate) * up, layer['w2'])
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Fp32 logits [S, V] of final-normed hidden states [S, D] (the shared output head)."""
+        return self.linears.apply(normed, self.lm_head).float()
+
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, start_pos: int, state: dict[str, torch.Tensor],
                 all_logits: bool = False,
-                out_state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                out_state: dict[str, torch.Tensor] | None = None,
+                return_hidden: bool = False):
         """
         Run tokens at positions ``[start_pos, start_pos + S)``.
 
@@ -355,7 +411,8 @@ class Lfm2Model:
         place; ``state['conv']`` [Lc, D, K] is read (ignored at ``start_pos == 0``, where the
         state starts from zeros) and every element of ``out_state['conv']`` (default: the same
         buffer) is written with the new conv state. Returns fp32 logits [S, V] when
-        ``all_logits`` else [V] for the last token.
+        ``all_logits`` else [V] for the last token; with ``return_hidden`` also the
+        final-normed hidden states [S, D] (an MTP head's input).
         """
         if out_state is None:
             out_state = state
@@ -367,12 +424,8 @@ class Lfm2Model:
         x = self.embed_tokens[token_ids]  # [S, D]
         cos = self.rope_cos[start_pos:end_pos][None]  # [1, S, hd]
         sin_signed = self.rope_sin_signed[start_pos:end_pos][None]  # [1, S, hd]
-        attn_mask = None  # decode, or causal prefill from position 0
-        if num_tokens > 1 and start_pos > 0:
-            # [S, end]: query i (at start_pos + i) sees keys j <= start_pos + i
-            key_positions = torch.arange(end_pos, device=self.device)
-            query_positions = torch.arange(start_pos, end_pos, device=self.device)
-            attn_mask = key_positions[None, :] <= query_positions[:, None]
+        # None: decode, or causal prefill from position 0
+        attn_mask, _ = causal_mask(start_pos, end_pos, 0, self.device)
         for index, layer in enumerate(self.layers):
             ordinal = self.state_index[index]
             h = self._rms_norm(x, layer['operator_norm'])
@@ -382,11 +435,5 @@ class Lfm2Model:
             else:
                 previous = self.zero_conv_state if start_pos == 0 else conv_in[ordinal]
                 x = x + self._short_conv(layer, h, previous, conv_out[ordinal])
-            h = self._rms_norm(x, layer['ffn_norm'])
-            gate, up = self.linears.apply(h, layer['w13']).chunk(2, dim=-1)  # [S, I] each
-            x = x + self.linears.apply(F.silu(gate) * up, layer['w2'])
-        if not all_logits:
-            x = x[-1:]
-        x = self._rms_norm(x, self.final_norm)
-        logits = self.linears.apply(x, self.lm_head).float()  # [S or 1, V]
-        return logits if all_logits else logits[0]
+            x = self._feed_forward(layer, x)
+        return final_logits(self, x, all_logits, return_hidden)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import json
 
 from capsule_ros.runtime.errors import InvalidArgumentError
+from capsule_ros.runtime.models.decoder import causal_mask, final_logits
 from capsule_ros.runtime.models.linear import DECODE_KERNEL_MAX_ROWS, LinearFactory
 from capsule_ros.runtime.models.rope import rope_tables
 from capsule_ros.runtime.state import BufferSpec, StateKind
@@ -121,33 +122,8 @@ class LlamaModel:
             self.lm_head = self.embed_tokens
         else:
             self.lm_head = take('lm_head.weight')  # [V, D]
-        self.layers = []
-        for index in range(config.num_layers):
-            prefix = f'model.layers.{index}.'
-            attention = prefix + 'self_attn.'
-            mlp = prefix + 'mlp.'
-            qkv_bias = None
-            if config.attention_bias:
-                qkv_bias = torch.cat([weights[attention + f'{p}_proj.bias'] for p in 'qkv'])
-            layer = {
-                'input_norm': take(prefix + 'input_layernorm.weight'),
-                'post_attention_norm': take(prefix + 'post_attention_layernorm.weight'),
-                # [(H + 2 * Hkv) * hd, D]: one matmul for q, k and v
-                'qkv': self.linears.prepare(torch.cat(
-                    [weights[attention + f'{p}_proj.weight'] for p in 'qkv']), qkv_bias),
-                'o': self.linears.prepare(weights[attention + 'o_proj.weight']),  # [D, H * hd]
-                # [2 * I, D]: one matmul for gate and up
-                'gate_up': self.linears.prepare(torch.cat(
-                    [weights[mlp + 'gate_proj.weight'], weights[mlp + 'up_proj.weight']])),
-                'down': self.linears.prepare(weights[mlp + 'down_proj.weight']),  # [D, I]
-                'qk_norm': None,
-            }
-            if config.qk_norm:
-                # [H + Hkv, 1, hd]: q_norm for the query heads, k_norm for the key heads
-                layer['qk_norm'] = torch.cat([
-                    take(attention + 'q_norm.weight').expand(config.num_heads, -1),
-                    take(attention + 'k_norm.weight').expand(config.num_kv_heads, -1)])[:, None]
-            self.layers.append(layer)
+        self.layers = [self.attention_layer_weights(weights, f'model.layers.{index}.')
+                       for index in range(config.num_layers)]
         # The output head (tied to the embeddings in SmolLM2, Q8_0 in its GGUF) stays dense.
         self.lm_head_linear = self.linears.prepare(self.lm_head, quantize=False)
         cos, sin = rope_tables(config, max_seq_len)
@@ -160,6 +136,38 @@ class LlamaModel:
         self.kv_size = config.num_kv_heads * config.head_dim
         self.group_size = config.num_heads // config.num_kv_heads
         self.qk_heads = config.num_heads + config.num_kv_heads
+
+    def attention_layer_weights(self, weights: dict[str, torch.Tensor], prefix: str) -> dict:
+        """Prepare one decoder layer named ``prefix*`` (a main layer or an MTP head's block)."""
+        config = self.config
+
+        def take(name):
+            return weights[name].to(device=self.device, dtype=self.dtype).contiguous()
+
+        attention = prefix + 'self_attn.'
+        mlp = prefix + 'mlp.'
+        qkv_bias = None
+        if config.attention_bias:
+            qkv_bias = torch.cat([weights[attention + f'{p}_proj.bias'] for p in 'qkv'])
+        layer = {
+            'input_norm': take(prefix + 'input_layernorm.weight'),
+            'post_attention_norm': take(prefix + 'post_attention_layernorm.weight'),
+            # [(H + 2 * Hkv) * hd, D]: one matmul for q, k and v
+            'qkv': self.linears.prepare(torch.cat(
+                [weights[attention + f'{p}_proj.weight'] for p in 'qkv']), qkv_bias),
+            'o': self.linears.prepare(weights[attention + 'o_proj.weight']),  # [D, H * hd]
+            # [2 * I, D]: one matmul for gate and up
+            'gate_up': self.linears.prepare(torch.cat(
+                [weights[mlp + 'gate_proj.weight'], weights[mlp + 'up_proj.weight']])),
+            'down': self.linears.prepare(weights[mlp + 'down_proj.weight']),  # [D, I]
+            'qk_norm': None,
+        }
+        if config.qk_norm:
+            # [H + Hkv, 1, hd]: q_norm for the query heads, k_norm for the key heads
+            layer['qk_norm'] = torch.cat([
+                take(attention + 'q_norm.weight').expand(config.num_heads, -1),
+                take(attention + 'k_norm.weight').expand(config.num_kv_heads, -1)])[:, None]
+        return layer
 
     @property
     def weights_format(self) -> str:
@@ -183,78 +191,96 @@ class LlamaModel:
         # in dtype), bit for bit, in one fused kernel plus the scale.
         return weight * F.rms_norm(x, (x.shape[-1],), eps=self.config.rms_norm_eps)
 
+    def norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return the scale ``_rms_norm`` applies for a checkpoint's norm weight (MTP head)."""
+        return weight.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def block_forward(self, layer: dict, x: torch.Tensor, start_pos: int, kv: torch.Tensor,
+                      first_key: int = 0) -> torch.Tensor:
+        """
+        One decoder layer over x [S, D] at ``start_pos``, writing its keys into kv [2, Hkv, T, hd].
+
+        Keys from ``first_key`` on are attended (an MTP head's cache starts at position 1).
+        """
+        end_pos = start_pos + x.shape[0]
+        cos = self.rope_cos[start_pos:end_pos][None]  # [1, S, hd]
+        sin_signed = self.rope_sin_signed[start_pos:end_pos][None]  # [1, S, hd]
+        return self._layer(layer, x, kv, start_pos, cos, sin_signed,
+                           *causal_mask(start_pos, end_pos, first_key, self.device), first_key)
+
+    def _layer(self, layer: dict, x: torch.Tensor, kv: torch.Tensor, start_pos: int,
+               cos: torch.Tensor, sin_signed: torch.Tensor, attn_mask: torch.Tensor | None,
+               is_causal: bool, first_key: int = 0) -> torch.Tensor:
+        """Attention and MLP of one layer over x [S, D]; kv: its buffer [2, Hkv, T, hd]."""
+        config = self.config
+        head_dim = config.head_dim
+        num_tokens = x.shape[0]
+        end_pos = start_pos + num_tokens
+        h = self._rms_norm(x, layer['input_norm'])
+        # [S, (H + 2 Hkv) hd]
+        qkv = self.linears.apply(h, layer['qkv'])
+        # q and k are neighbours in qkv: normalize and rotate them as one tensor
+        qk = qkv[:, :self.q_size + self.kv_size].view(
+            num_tokens, self.qk_heads, head_dim).transpose(0, 1)  # [H + Hkv, S, hd]
+        v = qkv[:, self.q_size + self.kv_size:].view(
+            num_tokens, config.num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, S, hd]
+        if layer['qk_norm'] is not None:
+            qk = self._rms_norm(qk, layer['qk_norm'])
+        qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin_signed
+        q, k = qk.split((config.num_heads, config.num_kv_heads))  # [H | Hkv, S, hd]
+        kv[0, :, start_pos:end_pos] = k
+        kv[1, :, start_pos:end_pos] = v
+        keys = kv[0, :, first_key:end_pos]  # [Hkv, end - first_key, hd]
+        values = kv[1, :, first_key:end_pos]  # [Hkv, end - first_key, hd]
+        if num_tokens == 1 or (start_pos > first_key and num_tokens <= DECODE_KERNEL_MAX_ROWS):
+            # decode: the g query heads sharing a KV head act as g queries of one batch
+            # entry, which is faster than broadcasting KV to all heads; 4-D inputs take
+            # the fused (flash) CPU kernel, 3-D ones the slower composite path. A few
+            # tokens (a verify pass) run it row by row: each row then attends exactly as
+            # its one-token decode step would
+            rows = []
+            for row in range(num_tokens):
+                grouped = q[:, row].reshape(1, config.num_kv_heads, self.group_size, head_dim)
+                end = start_pos + row + 1 - first_key
+                rows.append(F.scaled_dot_product_attention(
+                    grouped, keys[None, :, :end], values[None, :, :end]).reshape(
+                        1, self.q_size))
+            attention = rows[0] if num_tokens == 1 else torch.cat(rows)  # [S, H * hd]
+        else:
+            attention = F.scaled_dot_product_attention(
+                q[None], keys[None], values[None], attn_mask=attn_mask,
+                is_causal=is_causal, enable_gqa=True)  # [1, H, S, hd]
+            attention = attention[0].transpose(0, 1).reshape(num_tokens, self.q_size)
+        x = x + self.linears.apply(attention, layer['o'])
+        h = self._rms_norm(x, layer['post_attention_norm'])
+        gate, up = self.linears.apply(h, layer['gate_up']).chunk(2, dim=-1)  # [S, I] each
+        return x + self.linears.apply(F.silu(gate) * up, layer['down'])
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Fp32 logits [S, V] of final-normed hidden states [S, D] (the shared output head)."""
+        return self.linears.apply(normed, self.lm_head_linear).float()
+
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, start_pos: int, state: dict[str, torch.Tensor],
                 all_logits: bool = False,
-                out_state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                out_state: dict[str, torch.Tensor] | None = None,
+                return_hidden: bool = False):
         """
         Run tokens at positions ``[start_pos, start_pos + S)`` and write their KV in place.
 
         token_ids: [S] int64; state['kv']: the slot buffer [L, 2, Hkv, T, hd]. A Llama has no
         overwritten state, so ``out_state`` has nothing to receive.
-        Returns fp32 logits [S, V] when ``all_logits`` else [V] for the last token.
+        Returns fp32 logits [S, V] when ``all_logits`` else [V] for the last token; with
+        ``return_hidden`` also the final-normed hidden states [S, D] (an MTP head's input).
         """
-        config = self.config
         kv = state['kv']
         num_tokens = token_ids.shape[0]
         end_pos = start_pos + num_tokens
-        head_dim = config.head_dim
         x = self.embed_tokens[token_ids]  # [S, D]
         cos = self.rope_cos[start_pos:end_pos][None]  # [1, S, hd]
         sin_signed = self.rope_sin_signed[start_pos:end_pos][None]  # [1, S, hd]
-        attn_mask = None
-        is_causal = False
-        if num_tokens > 1:
-            if start_pos == 0:
-                is_causal = True
-            else:
-                # [S, end]: query i (at start_pos + i) sees keys j <= start_pos + i
-                key_positions = torch.arange(end_pos, device=self.device)
-                query_positions = torch.arange(start_pos, end_pos, device=self.device)
-                attn_mask = key_positions[None, :] <= query_positions[:, None]
+        attn_mask, is_causal = causal_mask(start_pos, end_pos, 0, self.device)
         for index, layer in enumerate(self.layers):
-            h = self._rms_norm(x, layer['input_norm'])
-            # [S, (H + 2 Hkv) hd]
-            qkv = self.linears.apply(h, layer['qkv'])
-            # q and k are neighbours in qkv: normalize and rotate them as one tensor
-            qk = qkv[:, :self.q_size + self.kv_size].view(
-                num_tokens, self.qk_heads, head_dim).transpose(0, 1)  # [H + Hkv, S, hd]
-            v = qkv[:, self.q_size + self.kv_size:].view(
-                num_tokens, config.num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, S, hd]
-            if layer['qk_norm'] is not None:
-                qk = self._rms_norm(qk, layer['qk_norm'])
-            qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin_signed
-            q, k = qk.split((config.num_heads, config.num_kv_heads))  # [H | Hkv, S, hd]
-            kv[index, 0, :, start_pos:end_pos] = k
-            kv[index, 1, :, start_pos:end_pos] = v
-            keys = kv[index, 0, :, :end_pos]  # [Hkv, end, hd]
-            values = kv[index, 1, :, :end_pos]  # [Hkv, end, hd]
-            if num_tokens == 1 or (start_pos > 0 and num_tokens <= DECODE_KERNEL_MAX_ROWS):
-                # decode: the g query heads sharing a KV head act as g queries of one batch
-                # entry, which is faster than broadcasting KV to all heads; 4-D inputs take
-                # the fused (flash) CPU kernel, 3-D ones the slower composite path. A few
-                # tokens (a verify pass) run it row by row: each row then attends exactly as
-                # its one-token decode step would
-                rows = []
-                for row in range(num_tokens):
-                    grouped = q[:, row].reshape(1, config.num_kv_heads, self.group_size,
-                                                head_dim)
-                    end = start_pos + row + 1
-                    rows.append(F.scaled_dot_product_attention(
-                        grouped, keys[None, :, :end], values[None, :, :end]).reshape(
-                            1, self.q_size))
-                attention = rows[0] if num_tokens == 1 else torch.cat(rows)  # [S, H * hd]
-            else:
-                attention = F.scaled_dot_product_attention(
-                    q[None], keys[None], values[None], attn_mask=attn_mask,
-                    is_causal=is_causal, enable_gqa=True)  # [1, H, S, hd]
-                attention = attention[0].transpose(0, 1).reshape(num_tokens, self.q_size)
-            x = x + self.linears.apply(attention, layer['o'])
-            h = self._rms_norm(x, layer['post_attention_norm'])
-            gate, up = self.linears.apply(h, layer['gate_up']).chunk(2, dim=-1)  # [S, I] each
-            x = x + self.linears.apply(F.silu(gate) * up, layer['down'])
-        if not all_logits:
-            x = x[-1:]
-        x = self._rms_norm(x, self.final_norm)
-        logits = self.linears.apply(x, self.lm_head_linear).float()  # [S or 1, V]
-        return logits if all_logits else logits[0]
+            x = self._layer(layer, x, kv[index], start_pos, cos, sin_signed, attn_mask,
+                            is_causal)
+        return final_logits(self, x, all_logits, return_hidden)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import json
 
 from capsule_ros.runtime.errors import InvalidArgumentError
+from capsule_ros.runtime.models.decoder import final_logits
 from capsule_ros.runtime.models.linear import LinearFactory
 from capsule_ros.runtime.state import BufferSpec, StateKind
 import torch
@@ -339,7 +340,7 @@ class CheckpointWeights:
     def __init__(self, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device):
         # the vision-language checkpoint's names map onto the text model's; vision and MTP
-        # weights are dropped
+        # weights are dropped (the MTP head reads its own)
         self.weights = {}
         for name, tensor in weights.items():
             if name.startswith(WRAPPER_PREFIX):
@@ -385,7 +386,8 @@ class Qwen35Model:
         Take Hugging Face-named weights, fuse projections, move to dtype and device.
 
         Both namings load: the text model's ``model.*`` and the vision-language checkpoint's
-        ``model.language_model.*`` (its ``model.visual.*`` and ``mtp.*`` are ignored).
+        ``model.language_model.*`` (its ``model.visual.*`` is ignored; ``mtp.*`` is the MTP head,
+        which ``capsule_ros.runtime.models.mtp`` loads).
         ``quantization`` as in ``LinearFactory`` (``none``, ``int4``, ``auto``).
         """
         self.config = config
@@ -418,24 +420,9 @@ class Qwen35Model:
         self.layers = []
         ordinals = {LINEAR_ATTENTION: 0, FULL_ATTENTION: 0}
         for index, layer_type in enumerate(config.layer_types):
-            prefix = f'model.layers.{index}.'
-            mlp = prefix + 'mlp.'
-            layer = {
-                'type': layer_type,
-                'ordinal': ordinals[layer_type],  # index into this type's state buffer
-                'input_norm': norm_scale(prefix + 'input_layernorm.weight'),  # [D] fp32
-                'post_attention_norm': norm_scale(prefix + 'post_attention_layernorm.weight'),
-                # [2 I, D]: one matmul for gate and up
-                'gate_up': prepare(torch.cat([source(mlp + 'gate_proj.weight'),
-                                              source(mlp + 'up_proj.weight')])),
-                'down': prepare(source(mlp + 'down_proj.weight')),  # [D, I]
-            }
+            self.layers.append(self._layer_weights(weights, f'model.layers.{index}.',
+                                                   layer_type, ordinals[layer_type]))
             ordinals[layer_type] += 1
-            if layer_type == LINEAR_ATTENTION:
-                layer.update(self._linear_attention_weights(prefix + 'linear_attn.', weights))
-            else:
-                layer.update(self._full_attention_weights(prefix + 'self_attn.', weights))
-            self.layers.append(layer)
 
         cos, sin = rope_tables(config, max_seq_len)
         self.rotary_dim = cos.shape[-1]
@@ -444,6 +431,59 @@ class Qwen35Model:
         # rotate_half(x) * sin == roll(x, R / 2) * [-sin_1, sin_2]: one op instead of four
         self.rope_sin_signed = torch.cat(
             (-sin[:, :half], sin[:, half:]), dim=-1).to(device=device, dtype=dtype)  # [T, R]
+
+    def _layer_weights(self, weights: CheckpointWeights, prefix: str, layer_type: str,
+                       ordinal: int) -> dict:
+        """Prepare decoder layer ``prefix*``; ``ordinal`` indexes its type's state buffer."""
+        source, norm_scale = weights.source, weights.norm_scale
+        mlp = prefix + 'mlp.'
+        layer = {
+            'type': layer_type,
+            'ordinal': ordinal,
+            'input_norm': norm_scale(prefix + 'input_layernorm.weight'),  # [D] fp32
+            'post_attention_norm': norm_scale(prefix + 'post_attention_layernorm.weight'),
+            # [2 I, D]: one matmul for gate and up
+            'gate_up': self.linears.prepare(torch.cat([source(mlp + 'gate_proj.weight'),
+                                                       source(mlp + 'up_proj.weight')])),
+            'down': self.linears.prepare(source(mlp + 'down_proj.weight')),  # [D, I]
+        }
+        if layer_type == LINEAR_ATTENTION:
+            layer.update(self._linear_attention_weights(prefix + 'linear_attn.', weights))
+        else:
+            layer.update(self._full_attention_weights(prefix + 'self_attn.', weights))
+        return layer
+
+    def attention_layer_weights(self, weights: dict[str, torch.Tensor], prefix: str) -> dict:
+        """Prepare a full-attention decoder layer ``prefix*`` outside the stack (an MTP block)."""
+        return self._layer_weights(CheckpointWeights(weights, self.dtype, self.device), prefix,
+                                   FULL_ATTENTION, 0)
+
+    def norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return the scale ``_rms_norm`` applies for a norm weight: ``1 + w`` in fp32."""
+        return 1.0 + weight.to(device=self.device, dtype=self.dtype).float()
+
+    def block_forward(self, layer: dict, x: torch.Tensor, start_pos: int, kv: torch.Tensor,
+                      first_key: int = 0) -> torch.Tensor:
+        """
+        One full-attention layer over x [S, D] at ``start_pos``, writing kv [2, Hkv, T, hd].
+
+        Keys from ``first_key`` on are attended (an MTP head's cache starts at position 1).
+        """
+        end_pos = start_pos + x.shape[0]
+        cos = self.rope_cos[start_pos:end_pos][None]  # [1, S, R]
+        sin_signed = self.rope_sin_signed[start_pos:end_pos][None]  # [1, S, R]
+        h = self._rms_norm(x, layer['input_norm'])
+        x = x + self._full_attention(h, layer, start_pos, kv[None], cos, sin_signed, first_key)
+        return self._feed_forward(layer, x)
+
+    def _feed_forward(self, layer: dict, x: torch.Tensor) -> torch.Tensor:
+        h = self._rms_norm(x, layer['post_attention_norm'])
+        gate, up = self.linears.apply(h, layer['gate_up']).chunk(2, dim=-1)  # [S, I]
+        return x + self.linears.apply(F.silu(gate) * up, layer['down'])
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Fp32 logits [S, V] of final-normed hidden states [S, D] (the shared output head)."""
+        return self.linears.apply(normed, self.lm_head).float()
 
     def _linear_attention_weights(self, prefix: str, weights: CheckpointWeights) -> dict:
         """Prepare one Gated DeltaNet layer: fused input projection, conv, decay, norm, out."""
@@ -531,7 +571,8 @@ class Qwen35Model:
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, start_pos: int, state: dict[str, torch.Tensor],
                 all_logits: bool = False,
-                out_state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                out_state: dict[str, torch.Tensor] | None = None,
+                return_hidden: bool = False):
         """
         Run tokens at positions ``[start_pos, start_pos + S)``.
 
@@ -540,7 +581,8 @@ class Qwen35Model:
         ``state``); every element of the out buffers is written, and a distinct ``out_state``
         leaves ``state``'s untouched. At ``start_pos == 0`` the incoming ``conv``/``recurrent``
         are ignored (zeros). Returns fp32 logits [S, V] when ``all_logits`` else [V] for the
-        last token.
+        last token; with ``return_hidden`` also the final-normed hidden states [S, D] (the MTP
+        head's input).
         """
         num_tokens = token_ids.shape[0]
         end_pos = start_pos + num_tokens
@@ -557,14 +599,8 @@ class Qwen35Model:
                 x = x + self._linear_attention(h, layer, start_pos, state, out_state)
             else:
                 x = x + self._full_attention(h, layer, start_pos, state['kv'], cos, sin_signed)
-            h = self._rms_norm(x, layer['post_attention_norm'])
-            gate, up = self.linears.apply(h, layer['gate_up']).chunk(2, dim=-1)  # [S, I]
-            x = x + self.linears.apply(F.silu(gate) * up, layer['down'])
-        if not all_logits:
-            x = x[-1:]
-        x = self._rms_norm(x, self.final_norm)
-        logits = self.linears.apply(x, self.lm_head).float()  # [S or 1, V]
-        return logits if all_logits else logits[0]
+            x = self._feed_forward(layer, x)
+        return final_logits(self, x, all_logits, return_hidden)
 
     def _linear_attention(self, h: torch.Tensor, layer: dict, start_pos: int,
                           state: dict[str, torch.Tensor],
