@@ -35,3 +35,27 @@ def scripted_drafts(reference, position, count):
     drafts = reference[position:position + count]
     return [token + 1 if (position + index) % 5 == 3 else token
             for index, token in enumerate(drafts)]
+
+
+def check_every_way_back(engine, session, label, check):
+    """
+    Check ``label``'s continuation every way back: ``check(session_id)`` after each.
+
+    In place (the caller has just restored it into ``session``), into another session, as a
+    branch, and through a file (save, release, load, restore).
+    """
+    check(session)
+    other = engine.create_session(system_prompt=False)
+    engine.restore(label, other)
+    check(other)
+    engine.close_session(other)
+    child = engine.branch(label, 1)[0]
+    check(child)
+    engine.close_session(child)
+    engine.save(label, f'{label}-file')
+    engine.release(label)
+    engine.load(f'{label}-file')
+    engine.restore(f'{label}-file')
+    check(session)
+    engine.restore(f'{label}-file')
+    engine.release(f'{label}-file')

@@ -32,7 +32,8 @@ from capsule_ros.runtime.testing import (run_capsule_programs, write_random_mtp_
                                          write_tiny_model)
 from conftest import make_engine
 import pytest
-from speculation_tools import FAMILIES, REPEATING, run, SAMPLING, scripted_drafts
+from speculation_tools import (check_every_way_back, FAMILIES, REPEATING, run, SAMPLING,
+                               scripted_drafts)
 import torch
 
 MTP = {'speculative': 'mtp'}
@@ -211,21 +212,9 @@ def test_capsule_verbs_in_mtp_speculation_continue_exactly(engine, scripted, sam
         assert engine.session_speculation(session) != counters
         engine.restore(label)
         assert engine.session_speculation(session) == counters  # the capsule carries them
-        assert_same(continue_from(engine, session), expected)
-        other = engine.create_session(system_prompt=False)
-        engine.restore(label, other)
-        assert_same(continue_from(engine, other), expected)
-        engine.close_session(other)
-        child = engine.branch(label, 1)[0]
-        assert_same(continue_from(engine, child), expected)
-        engine.close_session(child)
-        engine.save(label, f'{label}-file')
-        engine.release(label)
-        engine.load(f'{label}-file')
-        engine.restore(f'{label}-file')
-        assert_same(continue_from(engine, session), expected)
-        engine.restore(f'{label}-file')
-        engine.release(f'{label}-file')
+        check_every_way_back(engine, session, label,
+                             lambda target: assert_same(continue_from(engine, target),
+                                                        expected))
     assert seen_reject
     if sampling is None:
         assert seen_accept

@@ -31,7 +31,8 @@ from capsule_ros.runtime.speculative import accept_drafts, PromptLookupDrafter
 from capsule_ros.runtime.testing import run_capsule_programs, write_tiny_model
 from conftest import make_engine
 import pytest
-from speculation_tools import FAMILIES, REPEATING, run, SAMPLING, scripted_drafts
+from speculation_tools import (check_every_way_back, FAMILIES, REPEATING, run, SAMPLING,
+                               scripted_drafts)
 import torch
 
 PLAIN = 'Where should the robot put the cup after cleaning the kitchen?'
@@ -227,23 +228,10 @@ def test_capsule_verbs_between_speculative_generations_continue_exactly(
         label = f'spec-{index}'
         engine.snapshot(session, label)
         expected = continue_from(engine, session)
-        # restore into its own session, into a new one, a branch, and through a file
         engine.restore(label)
-        assert_same(continue_from(engine, session), expected)
-        other = engine.create_session(system_prompt=False)
-        engine.restore(label, other)
-        assert_same(continue_from(engine, other), expected)
-        engine.close_session(other)
-        child = engine.branch(label, 1)[0]
-        assert_same(continue_from(engine, child), expected)
-        engine.close_session(child)
-        engine.save(label, f'{label}-file')
-        engine.release(label)
-        engine.load(f'{label}-file')
-        engine.restore(f'{label}-file')
-        assert_same(continue_from(engine, session), expected)
-        engine.restore(f'{label}-file')
-        engine.release(f'{label}-file')
+        check_every_way_back(engine, session, label,
+                             lambda target: assert_same(continue_from(engine, target),
+                                                        expected))
     assert seen_reject
     # random Qwen3.5 weights give nearly flat logits: sampling leaves the scripted (greedy)
     # path at once, so only greedy is sure to accept there
