@@ -54,19 +54,34 @@ def median_ms(function, repeats=REPEATS):
     return statistics.median(times)
 
 
-def bench_engine(contexts, dtype, quantization='auto'):
-    """Measure this engine: prefill, decode, and every capsule verb."""
+def make_engine(dtype, quantization, backend, max_seq_len):
+    """Engine on the default model with room for 10 sessions of ``max_seq_len`` tokens."""
     from capsule_ros.runtime.config import PolicyConfig
     from capsule_ros.runtime.engine import PolicyEngine
-
-    max_context = max(contexts)
-    engine = PolicyEngine(PolicyConfig.from_dict({
+    return PolicyEngine(PolicyConfig.from_dict({
         'model': {'dtype': dtype, 'quantization': quantization},
-        'engine': {'max_seq_len': min(max_context + 256, 8192), 'max_sessions': 10},
+        'backend': {'kind': backend, 'device': 'cuda' if backend == 'tensorrt' else 'cpu'},
+        'engine': {'max_seq_len': max_seq_len, 'max_sessions': 10},
         'capsules': {'budget_bytes': 8 << 30}}))
+
+
+def bench_engine(contexts, dtype, quantization='auto', backend='torch'):
+    """
+    Measure this engine: prefill, decode, and every capsule verb.
+
+    The torch backend runs every context in one engine (slots of the largest); the compiled
+    backends' graph reads its whole slot buffer each step, so each context gets an engine whose
+    slots hold that context (plus room to decode), as a deployment would size them.
+    """
+    max_context = max(contexts)
+    per_context = backend != 'torch'
+    engine = None if per_context else make_engine(dtype, quantization, backend,
+                                                  min(max_context + 256, 8192))
     results = {}
     for context in contexts:
-        log(f'engine {dtype}: context {context}')
+        if per_context:
+            engine = make_engine(dtype, quantization, backend, min(context + 256, 8192))
+        log(f'engine {backend} {dtype}: context {context}')
         tokens = random_tokens(context, context)
         session = engine.create_session()
         started = time.perf_counter()
@@ -150,7 +165,8 @@ def bench_engine(contexts, dtype, quantization='auto'):
         engine.close_session(other)
         engine.close_session(session)
         engine.release(capsule_id)
-    results['branch'] = bench_branches(engine, min(2048, max_context))
+    if not per_context:
+        results['branch'] = bench_branches(engine, min(2048, max_context))
     return results
 
 
@@ -263,12 +279,16 @@ def main():
     """Measure one peer and write its JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('peer', choices=['engine-bfloat16', 'engine-bfloat16-dense',
-                                         'engine-float32', 'transformers', 'llamacpp'])
+                                         'engine-float32', 'engine-onnxruntime',
+                                         'engine-tensorrt', 'transformers', 'llamacpp'])
     parser.add_argument('--contexts', type=int, nargs='+', default=[512, 2048, 8000])
     parser.add_argument('--out', required=True)
     arguments = parser.parse_args()
     torch.set_num_threads(2)
-    if arguments.peer.startswith('engine-'):
+    if arguments.peer in ('engine-onnxruntime', 'engine-tensorrt'):  # the compiled graph
+        results = bench_engine(arguments.contexts, 'float32', 'none',
+                               arguments.peer.split('-')[1])
+    elif arguments.peer.startswith('engine-'):
         # engine-bfloat16: the default (4-bit decode weights from the Q4_1 GGUF);
         # engine-bfloat16-dense: the same with model.quantization none
         dtype = arguments.peer.split('-')[1]

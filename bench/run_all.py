@@ -15,27 +15,35 @@
 Side-by-side benchmark of this engine against transformers and llama.cpp (``make bench``).
 
 Each peer runs in its own process (``bench/peers.py``) on the same weights at the same
-contexts; this script merges their JSON, prints the tables, and writes
-``bench/results/results.json``, ``summary.md`` and ``summary.png``.
+contexts, in interleaved rounds (``--rounds``, at least two; the order alternates, so a
+disturbance of this noisy machine hits one round of several peers rather than every round of
+one); this script takes the median of the rounds for every figure, flags figures whose rounds
+differ by more than 20%, prints the tables, and writes ``bench/results/results.json``,
+``summary.md`` and ``summary.png``. The backends table puts torch, onnxruntime and llama.cpp
+side by side.
 """
 
 import argparse
 import json
 import os
 from pathlib import Path
+import statistics
 import subprocess
 import sys
 import time
 
 HERE = Path(__file__).resolve().parent
-PEERS = ['engine-bfloat16', 'engine-bfloat16-dense', 'engine-float32', 'transformers',
-         'llamacpp']
+PEERS = ['engine-bfloat16', 'engine-bfloat16-dense', 'engine-float32', 'engine-onnxruntime',
+         'transformers', 'llamacpp']
+ON_REQUEST = ['engine-tensorrt']  # only where TensorRT and a GPU are (a Jetson): --peers
+SPREAD_FLAG = 0.20  # rounds of one figure differing by more than this are flagged
 
 
-def run_peer(peer, contexts, output_dir):
+def run_peer(peer, contexts, output_dir, round_index=0):
     """Run one peer in a subprocess; return its results (or None if it failed)."""
-    out = output_dir / f'{peer}.json'
-    print(f'[bench] {peer}: contexts {contexts} ...', file=sys.stderr, flush=True)
+    out = output_dir / f'{peer}-round{round_index + 1}.json'
+    print(f'[bench] round {round_index + 1}: {peer}: contexts {contexts} ...', file=sys.stderr,
+          flush=True)
     started = time.monotonic()
     command = [sys.executable, str(HERE / 'peers.py'), peer, '--out', str(out), '--contexts',
                *map(str, contexts)]
@@ -59,6 +67,73 @@ def run_service_latency(output_dir):
               'bench); left out', file=sys.stderr)
         return None
     return json.loads(out.read_text())
+
+
+def merge_rounds(rounds):
+    """
+    Median of every figure over the rounds; return (results, flagged).
+
+    ``flagged``: (peer, context, metric, values) of figures whose rounds differ by more than
+    SPREAD_FLAG of their median.
+    """
+    merged, flagged = {}, []
+    for peer in dict.fromkeys(peer for each in rounds for peer in each):
+        runs = [each[peer] for each in rounds if each.get(peer)]
+        if not runs:
+            merged[peer] = None
+            continue
+        merged[peer] = {}
+        for context in runs[0]:
+            merged[peer][context] = {}
+            for metric, value in runs[0][context].items():
+                values = [run[context][metric] for run in runs
+                          if isinstance(run.get(context, {}).get(metric), (int, float))]
+                if not isinstance(value, (int, float)) or not values:
+                    merged[peer][context][metric] = value
+                    continue
+                middle = statistics.median(values)
+                merged[peer][context][metric] = middle
+                if middle and (max(values) - min(values)) / abs(middle) > SPREAD_FLAG:
+                    flagged.append((peer, context, metric, values))
+    return merged, flagged
+
+
+def backends_table(results, contexts):
+    """Torch, onnxruntime and llama.cpp side by side: throughput and capsule verbs."""
+    peers = [('engine-bfloat16', 'torch (bf16 + 4-bit decode)'),
+             ('engine-float32', 'torch (fp32)'), ('engine-onnxruntime', 'onnxruntime (fp32)'),
+             ('engine-tensorrt', 'tensorrt (fp32)'),
+             ('llamacpp', 'llama.cpp (Q4_1)')]
+    peers = [(peer, name) for peer, name in peers if results.get(peer)]
+
+    def get(peer, context, key):
+        return (results.get(peer) or {}).get(str(context), {}).get(key)
+
+    lines = ['## Backends side by side', '',
+             '| context | backend | prefill tok/s | decode tok/s | decode / llama.cpp | '
+             'snapshot ms | restore into other session ms |', '|---|---|---|---|---|---|---|']
+    for context in contexts:
+        reference = get('llamacpp', context, 'decode_tok_s')
+        for peer, name in peers:
+            decode = get(peer, context, 'decode_tok_s')
+            lines.append(
+                f'| {context} | {name} | {cell(get(peer, context, "prefill_tok_s"), 0)} | '
+                f'{cell(decode, 1)} | {ratio(decode, reference)} | '
+                f'{cell(get(peer, context, "snapshot_ms"), 3)} | '
+                f'{cell(get(peer, context, "restore_other_ms"), 2)} |')
+    return '\n'.join(lines) + '\n'
+
+
+def spread_notes(flagged, rounds):
+    """Markdown list of the figures whose rounds differ by more than SPREAD_FLAG."""
+    lines = ['', '## Rounds', '', f'Medians of {rounds} interleaved rounds. Figures whose rounds '
+             f'differ by more than {SPREAD_FLAG:.0%} of their median:', '']
+    if not flagged:
+        return '\n'.join(lines + ['none.']) + '\n'
+    for peer, context, metric, values in flagged:
+        lines.append(f'- {peer}, context {context}, {metric}: '
+                     + ', '.join(f'{value:.4g}' for value in values))
+    return '\n'.join(lines) + '\n'
 
 
 def ratio(numerator, denominator):
@@ -199,7 +274,9 @@ def main():
     """Run every peer, merge, print and write the results."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--contexts', type=int, nargs='+', default=[512, 2048, 8000])
-    parser.add_argument('--peers', nargs='+', default=PEERS, choices=PEERS)
+    parser.add_argument('--peers', nargs='+', default=PEERS, choices=PEERS + ON_REQUEST)
+    parser.add_argument('--rounds', type=int, default=2,
+                        help='interleaved rounds per peer (medians; at least 2)')
     parser.add_argument('--out', default=str(HERE / 'results'))
     parser.add_argument('--skip-service-latency', action='store_true',
                         help='leave out the DDS service-latency probe (needs ROS 2)')
@@ -211,12 +288,20 @@ def main():
     if arguments.report_only:
         results = json.loads((output_dir / 'results.json').read_text())
     else:
-        results = {peer: run_peer(peer, arguments.contexts, output_dir)
-                   for peer in arguments.peers}
+        rounds = []
+        for round_index in range(arguments.rounds):
+            order = arguments.peers if round_index % 2 == 0 else arguments.peers[::-1]
+            rounds.append({peer: run_peer(peer, arguments.contexts, output_dir, round_index)
+                           for peer in order})
+        results, flagged = merge_rounds(rounds)
+        results['rounds'] = {'count': arguments.rounds, 'flagged': flagged}
         if not arguments.skip_service_latency:
             results['service_latency'] = run_service_latency(output_dir)
         (output_dir / 'results.json').write_text(json.dumps(results, indent=1))
-    text = tables(results, arguments.contexts)
+    rounds = results.get('rounds') or {'count': 1, 'flagged': []}
+    text = (backends_table(results, arguments.contexts) + '\n'
+            + tables(results, arguments.contexts)
+            + spread_notes(rounds['flagged'], rounds['count']))
     (output_dir / 'summary.md').write_text(text)
     plot(results, arguments.contexts, output_dir / 'summary.png')
     print(text)

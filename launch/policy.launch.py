@@ -53,7 +53,7 @@ def generate_launch_description():
             description="model file; '' = the bundled SmolLM2-135M-Instruct"),
         DeclareLaunchArgument(
             # the kinds backend.kind accepts (capsule_ros/runtime/config.py BACKEND_KINDS)
-            'backend', default_value='torch', choices=['torch'],
+            'backend', default_value='torch', choices=['torch', 'onnxruntime', 'tensorrt'],
             description='inference backend'),
         DeclareLaunchArgument(
             'autostart', default_value='true',

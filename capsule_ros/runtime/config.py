@@ -27,7 +27,7 @@ from capsule_ros.runtime.errors import InvalidArgumentError
 from capsule_ros.runtime.quantization import QUANTIZATION_MODES
 
 DTYPES = ('float32', 'bfloat16')
-BACKEND_KINDS = ('torch',)
+BACKEND_KINDS = ('torch', 'onnxruntime', 'tensorrt')
 MAX_BUDGET_BYTES = 1 << 46  # 64 TiB: anything larger is a typo, not a budget
 MAX_DRAFT_TOKENS = 16
 
@@ -74,7 +74,7 @@ class BackendConfig:
     def __post_init__(self):
         """Validate."""
         _require(self.kind in BACKEND_KINDS, 'backend.kind',
-                 f'{self.kind!r} is not one of {BACKEND_KINDS} (tensorrt needs a Jetson build)')
+                 f'{self.kind!r} is not one of {BACKEND_KINDS}')
         _require(self.device == 'cpu' or self.device.startswith('cuda'), 'backend.device',
                  f'{self.device!r} must be "cpu" or "cuda[:N]"')
         _require(0 <= self.num_threads <= 1024, 'backend.num_threads', 'must be in [0, 1024]')

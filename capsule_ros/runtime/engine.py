@@ -29,7 +29,7 @@ import time
 from typing import Callable, Iterable
 import uuid
 
-from capsule_ros.runtime import loader, persist
+from capsule_ros.runtime import backends, loader, persist
 from capsule_ros.runtime.capsule import (Capsule, CapsuleEvent, CapsuleInfo, CapsuleStore,
                                          EventKind, SWAP_PREFIX)
 from capsule_ros.runtime.chat import ChatFormatter, Role, TurnState
@@ -165,8 +165,10 @@ class PolicyEngine:
             raise InvalidArgumentError(
                 f"parameter engine.max_seq_len: {max_seq_len} exceeds the model's "
                 f'{self.model_config.max_position_embeddings} positions')
-        self.model = registry.build_model(self.model_config, weights, self.dtype, self.device,
-                                          max_seq_len, self.config.model.quantization)
+        self.model = backends.build_model(self.config, self.model_config, weights,
+                                          files.weights_sha256, self.dtype, self.device,
+                                          max_seq_len, cache_dir or loader.default_cache_dir(),
+                                          progress)
         # the MTP head and its state only where MTP drafts are asked for: keeping its state
         # costs one more decoder layer per forward pass
         self.checkpoint_has_mtp = has_mtp_head(weights)
@@ -174,6 +176,10 @@ class PolicyEngine:
         if self.config.generation.speculative == SpeculativeMode.MTP.value:
             if not self.checkpoint_has_mtp:
                 raise InvalidArgumentError(self._no_mtp_head())
+            if backend.kind != 'torch':
+                raise InvalidArgumentError(
+                    f'parameter generation.speculative: mtp runs on backend.kind torch (the '
+                    f'{backend.kind} graph returns no hidden states); use lookup or off')
             self.mtp = MtpHead(self.model, weights)
         del weights
         self.tokenizer = loader.load_tokenizer(files.directory)
@@ -194,7 +200,10 @@ class PolicyEngine:
         self.fingerprint = self._fingerprint(files.weights_sha256)
         report(f'allocating {self.config.engine.max_sessions} slots of '
                f'{self.layout.slot_bytes() / (1 << 20):.0f} MiB')
-        self._free_slots = [Slot(index, self.layout.allocate(self.device))
+        # the backend's own device memory where it has one (TensorRT: pycuda), else torch's
+        allocate = getattr(self.model, 'allocate', None) or (
+            lambda layout: layout.allocate(self.device))
+        self._free_slots = [Slot(index, allocate(self.layout))
                             for index in range(self.config.engine.max_sessions)]
         self._listeners: list[Callable[[CapsuleEvent], None]] = [on_event] if on_event else []
         self.store = CapsuleStore(self.layout, self.config.capsules.budget_bytes,

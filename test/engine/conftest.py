@@ -44,12 +44,31 @@ def real_engine(tmp_path_factory):
     return make_engine(tmp_path_factory.mktemp('real'))
 
 
-@pytest.fixture(scope='session', params=['float32', 'bfloat16'])
-def capsule_engine(request, tmp_path_factory, real_engine):
-    """Return the fp32 engine, then the node's default: bf16 with 4-bit decode weights."""
+# the engines capsule equivalences run on: fp32, the node's default (bf16 with 4-bit decode
+# weights), and the onnxruntime backend (fp32, the exported graph)
+CAPSULE_ENGINES = {'float32': {'dtype': 'float32'}, 'bfloat16': {'dtype': 'bfloat16'},
+                   'onnxruntime': {'dtype': 'float32', 'backend': {'kind': 'onnxruntime'}}}
+
+
+def make_capsule_engine(tmp_path, name):
+    """Engine ``name`` of CAPSULE_ENGINES on the real weights."""
+    return make_engine(tmp_path, **CAPSULE_ENGINES[name])
+
+
+@pytest.fixture(scope='session')
+def onnxruntime_engine(tmp_path_factory):
+    """Return the onnxruntime backend on the real weights (fp32; graph exported once, cached)."""
+    return make_capsule_engine(tmp_path_factory.mktemp('real-ort'), 'onnxruntime')
+
+
+@pytest.fixture(scope='session', params=list(CAPSULE_ENGINES))
+def capsule_engine(request, tmp_path_factory, real_engine, onnxruntime_engine):
+    """Return the fp32 engine, the node's default (bf16 + 4-bit decode), the ORT backend."""
     if request.param == 'float32':
         return real_engine
-    engine = make_engine(tmp_path_factory.mktemp('real-bf16'), dtype='bfloat16')
+    if request.param == 'onnxruntime':
+        return onnxruntime_engine
+    engine = make_capsule_engine(tmp_path_factory.mktemp('real-bf16'), 'bfloat16')
     # the bundled GGUF is Q4_1: every layer linear lies on a 4-bit grid, found again exactly
     assert engine.model.int4_linears == 4 * engine.model_config.num_layers
     return engine

@@ -14,13 +14,14 @@
 """
 Capsule equivalences (a)-(e) on the real SmolLM2 weights, bitwise on CPU.
 
-Each runs in fp32 and in the node's default, bf16 with 4-bit decode weights.
+Each runs in fp32, in the node's default (bf16 with 4-bit decode weights) and on the
+onnxruntime backend (the exported graph, fp32).
 """
 
 import math
 
 from capsule_ros.runtime.config import SamplingConfig
-from conftest import BRIEFING, make_engine
+from conftest import BRIEFING, CAPSULE_ENGINES, make_capsule_engine
 import pytest
 import torch
 
@@ -110,16 +111,16 @@ def test_c_branches_equal_independent_runs_and_cold_prefill(capsule_engine):
     engine.release('real-c')
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_d_save_drop_everything_load_in_new_engine(tmp_path, dtype):
-    engine = make_engine(tmp_path, dtype)
+@pytest.mark.parametrize('name', list(CAPSULE_ENGINES))
+def test_d_save_drop_everything_load_in_new_engine(tmp_path, name):
+    engine = make_capsule_engine(tmp_path, name)
     session = engine.create_session()
     engine.append(session, BRIEFING)
     engine.snapshot(session, 'briefing')
     engine.save('briefing')
     expected = continue_greedy(engine, session)
     del engine
-    fresh = make_engine(tmp_path, dtype)
+    fresh = make_capsule_engine(tmp_path, name)
     fresh.load('briefing')
     session = fresh.restore('briefing').session_id
     got = continue_greedy(fresh, session)

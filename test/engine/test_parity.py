@@ -96,3 +96,20 @@ def test_greedy_output_is_sensible_english(real_engine):
     result = engine.generate(session, 16)
     assert 'Paris' in result.text
     engine.close_session(session)
+
+
+def test_onnxruntime_backend_matches_torch_over_prefill_and_64_decode_steps(
+        real_engine, onnxruntime_engine):
+    """The exported graph on ONNX Runtime: greedy tokens identical, logits within 1e-3 (fp32)."""
+    results = []
+    for engine in (real_engine, onnxruntime_engine):
+        session = engine.create_session(system_prompt=False)
+        engine.append(session, BRIEFING, role='raw')  # plain text: no reply, no EOS to stop at
+        prefill_logits = engine.session_logits(session)
+        tokens = engine.generate(session, 64, reply=False).token_ids
+        results.append((prefill_logits, tokens, engine.session_logits(session)))
+        engine.close_session(session)
+    (torch_prefill, torch_tokens, torch_last), (ort_prefill, ort_tokens, ort_last) = results
+    assert len(ort_tokens) == 64 and ort_tokens == torch_tokens
+    torch.testing.assert_close(ort_prefill, torch_prefill, rtol=0, atol=1e-3)
+    torch.testing.assert_close(ort_last, torch_last, rtol=0, atol=1e-3)

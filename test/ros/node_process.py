@@ -117,3 +117,41 @@ def ok(response):
     """Assert a service response (or action result) succeeded; return it."""
     assert response.success, f'{error_name(response.error_code)}: {response.message}'
     return response
+
+
+def generate_ok(client, session_id, max_new_tokens):
+    """Continue ``session_id`` greedily over the Generate action; return the (ok) result."""
+    from action_msgs.msg import GoalStatus
+    status, result = client.generate(session_id=session_id, max_new_tokens=max_new_tokens)
+    assert status == GoalStatus.STATUS_SUCCEEDED, result.message
+    return ok(result)
+
+
+def latest_diagnostics(client):
+    """Wait up to 10 s for a /diagnostics message; return its key/values as a dict."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    received = []
+    subscription = client.node.create_subscription(
+        DiagnosticArray, '/diagnostics', received.append, 10)
+    try:
+        for _ in range(100):
+            if received:
+                break
+            client.spin_once(0.1)
+    finally:
+        client.node.destroy_subscription(subscription)
+    assert received, 'no /diagnostics message within 10 s'
+    return {item.key: item.value for item in received[-1].status[0].values}
+
+
+def greedy_in_process(model_dir, tmp_path, prompt, steps):
+    """Greedy tokens after a raw ``prompt`` on the torch backend, fp32, in this process."""
+    from capsule_ros.runtime.config import PolicyConfig
+    from capsule_ros.runtime.engine import PolicyEngine
+    engine = PolicyEngine(PolicyConfig.from_dict({
+        'model': {'path': str(model_dir), 'dtype': 'float32'},
+        'engine': {'max_seq_len': 512, 'max_sessions': 1},
+        'capsules': {'dir': str(tmp_path / 'reference-capsules')}}), progress=None)
+    session = engine.create_session(system_prompt=False)
+    engine.append(session, prompt, role='raw')
+    return list(engine.generate(session, steps, speculative='off').token_ids)

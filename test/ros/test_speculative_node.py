@@ -20,13 +20,12 @@ after a speculative generation continues exactly, and /diagnostics counts the dr
 case runs a random MTP head (its drafts are nearly all rejected; the output is unchanged).
 """
 
-from action_msgs.msg import GoalStatus
 from capsule_ros.ros.client import CapsuleClient
-from capsule_ros.runtime.config import PolicyConfig
-from capsule_ros.runtime.engine import PolicyEngine
 from capsule_ros.runtime.testing import write_random_mtp_head, write_tiny_model
 from capsule_ros.srv import Append
-from diagnostic_msgs.msg import DiagnosticArray
+from node_process import generate_ok
+from node_process import greedy_in_process
+from node_process import latest_diagnostics
 from node_process import light_parameters
 from node_process import NodeProcess
 from node_process import ok
@@ -35,24 +34,6 @@ import pytest
 TIMEOUT_S = 30.0
 PROMPT = ('Route: dock, aisle 2, shelf C, aisle 2, dock. Route: dock, aisle 4, shelf F, '
           'aisle 4, dock. Route: dock, aisle 2, shelf C, aisle 2, dock. Route: dock,')
-
-
-def generate(client, session_id, max_new_tokens):
-    """Continue ``session_id`` greedily; return the result."""
-    status, result = client.generate(session_id=session_id, max_new_tokens=max_new_tokens)
-    assert status == GoalStatus.STATUS_SUCCEEDED, result.message
-    return ok(result)
-
-
-def plain_greedy(model_dir, tmp_path, steps):
-    """Tokens of plain greedy decoding (speculation off) of PROMPT, in this process."""
-    engine = PolicyEngine(PolicyConfig.from_dict({
-        'model': {'path': str(model_dir), 'dtype': 'float32'},
-        'engine': {'max_seq_len': 512, 'max_sessions': 1},
-        'capsules': {'dir': str(tmp_path / 'reference-capsules')}}), progress=None)
-    session = engine.create_session(system_prompt=False)
-    engine.append(session, PROMPT, role='raw')
-    return list(engine.generate(session, steps, speculative='off').token_ids)
 
 
 @pytest.mark.parametrize('mode', ['lookup', 'mtp'])
@@ -69,26 +50,17 @@ def test_speculative_node_reports_drafts_and_continues_exactly(tmp_path, context
     try:
         process.wait_until_active(client)
         session_id = ok(client.append(PROMPT, role=Append.Request.ROLE_RAW)).session_id
-        first = generate(client, session_id, 40)
+        first = generate_ok(client, session_id, 40)
         assert first.accepted_tokens <= first.drafted_tokens
         assert first.drafted_tokens > 0 and (mode == 'mtp' or first.accepted_tokens > 0)
-        assert list(first.token_ids) == plain_greedy(model_dir, tmp_path, 40)
+        assert list(first.token_ids) == greedy_in_process(model_dir, tmp_path, PROMPT, 40)
         ok(client.snapshot(session_id, label='mid-route'))
-        expected = generate(client, session_id, 12)
+        expected = generate_ok(client, session_id, 12)
         ok(client.restore('mid-route'))
-        again = generate(client, session_id, 12)
+        again = generate_ok(client, session_id, 12)
         assert list(again.token_ids) == list(expected.token_ids)
 
-        received = []
-        subscription = client.node.create_subscription(
-            DiagnosticArray, '/diagnostics', received.append, 10)
-        for _ in range(100):
-            if received:
-                break
-            client.spin_once(0.1)
-        client.node.destroy_subscription(subscription)
-        assert received, 'no /diagnostics message within 10 s'
-        values = {item.key: item.value for item in received[-1].status[0].values}
+        values = latest_diagnostics(client)
         assert values['speculative'] == f'{mode} (k=4)'
         drafted = sum(result.drafted_tokens for result in (first, expected, again))
         accepted = sum(result.accepted_tokens for result in (first, expected, again))

@@ -25,14 +25,14 @@ def tiny_model_dir(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp('tiny-llama'))
 
 
-def make_engine(model_dir, tmp_path, dtype='float32', **groups):
+def make_engine(model_dir, tmp_path, dtype='float32', progress=None, **groups):
     """Build an engine on ``model_dir`` with capsules saved under ``tmp_path``."""
     values = {'model': {'path': str(model_dir), 'dtype': dtype},
               'engine': {'max_seq_len': 256, 'max_sessions': 4, 'prefill_chunk': 32},
               'capsules': {'dir': str(tmp_path / 'capsules')}}
     for group, overrides in groups.items():
         values.setdefault(group, {}).update(overrides)
-    return PolicyEngine(PolicyConfig.from_dict(values), progress=None)
+    return PolicyEngine(PolicyConfig.from_dict(values), progress=progress)
 
 
 @pytest.fixture
