@@ -28,15 +28,19 @@ TensorRT Edge-LLM's, with a batch axis of 1:
              past_key_values_{i}    [1, 2, Hkv, T, hd]  model   attention layer i's whole slot
                                                                  buffer (T = engine.max_seq_len);
                                                                  valid below start
+             conv_state_{j}         [1, D, K]           model   conv layer j's last K inputs
+                                                                 (LFM2; ignored at start 0)
     outputs  logits                 [1, R, V]           float32
              present_key_values_{i} [1, 2, Hkv, S, hd]  model   the keys and values of the S
                                                                  new positions only
+             present_conv_state_{j} [1, D, K]           model   conv layer j's new state, whole
 
-``present_key_values_{i}`` aliases nothing: the backend writes it into the slot buffer at
-``[start, start + S)`` (S positions: a decode step copies 2 * Hkv * hd values per layer, not the
-context). Every past position is read where it lies, bound by address. Attention is computed in
-two parts, against the slot buffer (keys below ``start``) and against the new keys (causal),
-with one softmax over both, so the graph never concatenates or rewrites the cache. Its cost is
+No output aliases an input: the backend writes ``present_key_values_{i}`` into the slot buffer
+at ``[start, start + S)`` (S positions: a decode step copies 2 * Hkv * hd values per layer, not
+the context) and ``present_conv_state_{j}`` into the conv state's copy-on-write target. Every
+past position is read where it lies, bound by address. Attention is computed in two parts,
+against the slot buffer (keys below ``start``) and against the new keys (causal), with one
+softmax over both, so the graph never concatenates or rewrites the cache. Its cost is
 the cost of reading the whole slot buffer: O(T) per step, which the backends' benchmark shows
 next to the torch backend's O(position).
 
@@ -59,7 +63,7 @@ EXPORTER_VERSION = 1  # bump whenever the graph or the contract changes
 OPSET = 18
 INPUT_IDS, START_INDEX, LAST_TOKEN_IDS, LOGITS = (
     'input_ids', 'kvcache_start_index', 'last_token_ids', 'logits')
-EXPORTABLE_FAMILIES = ('llama',)
+EXPORTABLE_FAMILIES = ('llama', 'lfm2')
 
 
 def past_name(layer: int) -> str:
@@ -90,12 +94,22 @@ class Binding:
     layer: int | None = None
 
 
+def conv_name(layer: int) -> str:
+    """Input binding of conv layer ``layer``'s state (its last K inputs)."""
+    return f'conv_state_{layer}'
+
+
+def present_conv_name(layer: int) -> str:
+    """Output binding of conv layer ``layer``'s new state."""
+    return f'present_conv_state_{layer}'
+
+
 def contract(layout: StateLayout, vocab_size: int) -> list[Binding]:
     """Derive the graph's bindings from the StateLayout (what every compiled backend binds)."""
-    if set(layout.by_name) & {'conv', 'recurrent'}:
+    if 'recurrent' in layout.by_name:
         raise InvalidArgumentError(
-            'ONNX export covers the llama family so far; conv and recurrent state (lfm2, '
-            'qwen3_5) run on backend.kind: torch')
+            'ONNX export covers the llama and lfm2 families; recurrent state (qwen3_5) runs on '
+            'backend.kind: torch')
     kv = layout.by_name['kv']
     num_layers, two, num_kv_heads, max_seq_len, head_dim = kv.shape
     bindings = [Binding(INPUT_IDS, (1, 'S'), torch.int64, True),
@@ -103,93 +117,185 @@ def contract(layout: StateLayout, vocab_size: int) -> list[Binding]:
                 Binding(LAST_TOKEN_IDS, (1, 'R'), torch.int64, True)]
     bindings += [Binding(past_name(layer), (1, two, num_kv_heads, max_seq_len, head_dim),
                          kv.dtype, True, 'kv', layer) for layer in range(num_layers)]
+    conv = layout.by_name.get('conv')
+    conv_layers = conv.shape[0] if conv is not None else 0
+    bindings += [Binding(conv_name(layer), (1, *conv.shape[1:]), conv.dtype, True, 'conv',
+                         layer) for layer in range(conv_layers)]
     bindings.append(Binding(LOGITS, (1, 'R', vocab_size), torch.float32, False))
     bindings += [Binding(present_name(layer), (1, two, num_kv_heads, 'S', head_dim), kv.dtype,
                          False, 'kv', layer) for layer in range(num_layers)]
+    bindings += [Binding(present_conv_name(layer), (1, *conv.shape[1:]), conv.dtype, False,
+                         'conv', layer) for layer in range(conv_layers)]
     return bindings
 
 
-class LlamaStepGraph(torch.nn.Module):
-    """A Llama-family step in export form: the state in, the new positions out (no writes)."""
+def rotate(qk: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate q and k heads [H + Hkv, S, hd] by RoPE (``roll`` by hd / 2 as a concatenation)."""
+    half = qk.shape[-1] // 2
+    return qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin_signed
+
+
+def two_part_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: torch.Tensor,
+                       past_valid: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """
+    GQA of the new tokens against the slot buffer and against each other, one softmax.
+
+    q [H, S, hd]; k, v [Hkv, S, hd]; past [1, 2, Hkv, T, hd] (the slot buffer, keys where
+    ``past_valid`` [T]); causal [S, S]. The g query heads of a KV head run as g * S rows
+    against it. Returns [S, H hd].
+    """
+    num_heads, num_tokens, head_dim = q.shape
+    num_kv_heads = k.shape[0]
+    group = num_heads // num_kv_heads
+    max_seq_len = past.shape[3]
+    scale = head_dim ** -0.5
+    q = q.reshape(num_kv_heads, group * num_tokens, head_dim)  # [Hkv, g S, hd]
+    scores_past = torch.matmul(q, past[0, 0].transpose(1, 2)) * scale  # [Hkv, g S, T]
+    scores_new = torch.matmul(q, k.transpose(1, 2)) * scale  # [Hkv, g S, S]
+    scores_past = scores_past.masked_fill(~past_valid, float('-inf'))
+    scores_new = scores_new.masked_fill(~causal.repeat(group, 1), float('-inf'))
+    probabilities = torch.softmax(
+        torch.cat((scores_past, scores_new), dim=-1).float(), dim=-1).to(q.dtype)
+    attention = (torch.matmul(probabilities[..., :max_seq_len], past[0, 1])
+                 + torch.matmul(probabilities[..., max_seq_len:], v))  # [Hkv, g S, hd]
+    return attention.reshape(num_heads, num_tokens, head_dim).transpose(0, 1).reshape(
+        num_tokens, num_heads * head_dim)
+
+
+def split_rows(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> tuple:
+    """(weight[:rows], weight[rows:], bias halves): separate matmuls keep reshapes contiguous."""
+    return (weight[:rows], weight[rows:], None if bias is None else bias[:rows],
+            None if bias is None else bias[rows:])
+
+
+class StepGraph(torch.nn.Module):
+    """A family's step in export form: the state in, the new state out, nothing written."""
 
     def __init__(self, model):
-        """Hold ``model``'s prepared weights (a dense, unpacked LlamaModel: fp32 or fp16)."""
+        """Hold ``model``'s prepared weights (dense and unpacked)."""
         super().__init__()
         if model.family not in EXPORTABLE_FAMILIES:
             raise InvalidArgumentError(
                 f'ONNX export supports {", ".join(EXPORTABLE_FAMILIES)}; {model.family} runs on '
                 f'backend.kind: torch')
         if model.linears.packed or model.linears.num_int4:
-            raise InvalidArgumentError('ONNX export needs dense weights (model.dtype float32 or '
-                                       'float16, model.quantization none)')
+            raise InvalidArgumentError('ONNX export needs dense weights (model.dtype float32, '
+                                       'model.quantization none)')
         self.model = model
-        qk_rows = model.q_size + model.kv_size
         self.splits = []
         for layer in model.layers:
-            qkv, bias = layer['qkv'].dense, layer['qkv'].bias  # [(H + 2 Hkv) hd, D], [N]
-            gate_up = layer['gate_up'].dense  # [2 I, D]
-            intermediate = gate_up.shape[0] // 2
-            self.splits.append({
-                'qk': qkv[:qk_rows], 'v': qkv[qk_rows:],
-                'qk_bias': None if bias is None else bias[:qk_rows],
-                'v_bias': None if bias is None else bias[qk_rows:],
-                'gate': gate_up[:intermediate], 'up': gate_up[intermediate:]})
+            split = {}
+            if 'qkv' in layer:
+                split['qk'], split['v'], split['qk_bias'], split['v_bias'] = split_rows(
+                    layer['qkv'].dense, layer['qkv'].bias, model.q_size + model.kv_size)
+            gate_up = layer['gate_up' if 'gate_up' in layer else 'w13'].dense  # [2 I, D]
+            split['gate'], split['up'], _, _ = split_rows(gate_up, None, gate_up.shape[0] // 2)
+            self.splits.append(split)
 
-    def forward(self, input_ids: torch.Tensor, kvcache_start_index: torch.Tensor,
-                last_token_ids: torch.Tensor, *past_key_values: torch.Tensor):
-        """Return logits [1, R, V] and each layer's new keys/values [1, 2, Hkv, S, hd]."""
+    def attention(self, layer: dict, split: dict, h: torch.Tensor, past: torch.Tensor,
+                  rope: tuple, masks: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend h [S, D]; return the output [S, H hd] and the new KV [1, 2, Hkv, S, hd]."""
         model = self.model
         config = model.config
-        head_dim = config.head_dim
-        num_kv_heads = config.num_kv_heads
-        group = model.group_size
+        num_tokens = h.shape[0]
+        qk = F.linear(h, split['qk'], split['qk_bias']).reshape(
+            num_tokens, model.qk_heads, config.head_dim).transpose(0, 1)  # [H + Hkv, S, hd]
+        v = F.linear(h, split['v'], split['v_bias']).reshape(
+            num_tokens, config.num_kv_heads, config.head_dim).transpose(0, 1)  # [Hkv, S, hd]
+        if layer['qk_norm'] is not None:
+            qk = model._rms_norm(qk, layer['qk_norm'])
+        q, k = rotate(qk, *rope).split((config.num_heads, config.num_kv_heads))
+        return two_part_attention(q, k, v, past, *masks), torch.stack((k, v))[None]
+
+    def mlp(self, down, split: dict, h: torch.Tensor) -> torch.Tensor:
+        """Apply the SwiGLU MLP to h [S, D], gate and up as separate matmuls."""
+        gate = F.linear(h, split['gate'])  # [S, I]
+        up = F.linear(h, split['up'])  # [S, I]
+        return self.model.linears.apply(F.silu(gate) * up, down)
+
+    def forward(self, input_ids: torch.Tensor, kvcache_start_index: torch.Tensor,
+                last_token_ids: torch.Tensor, *state: torch.Tensor):
+        """Return logits [1, R, V], each attention layer's new KV, then the new conv states."""
+        model = self.model
         ids = input_ids[0]  # [S]
         num_tokens = ids.shape[0]
         positions = kvcache_start_index + torch.arange(num_tokens)  # [S]
-        cos = model.rope_cos.index_select(0, positions)[None]  # [1, S, hd]
-        sin_signed = model.rope_sin_signed.index_select(0, positions)[None]  # [1, S, hd]
-        max_seq_len = past_key_values[0].shape[3]
-        # [T]: the slot positions below start are the past; the rest is stale
-        past_valid = torch.arange(max_seq_len) < kvcache_start_index
-        # [S, S]: new token i sees new tokens j <= i
-        causal = torch.arange(num_tokens)[None, :] <= torch.arange(num_tokens)[:, None]
-        scale = head_dim ** -0.5
+        rope = (model.rope_cos.index_select(0, positions)[None],  # [1, S, hd]
+                model.rope_sin_signed.index_select(0, positions)[None])  # [1, S, hd]
+        num_kv = self.num_kv_layers()
+        pasts, convs = state[:num_kv], state[num_kv:]
+        max_seq_len = pasts[0].shape[3]
+        # [T]: the slot positions below start are the past; the rest is stale. [S, S]: new
+        # token i sees new tokens j <= i
+        masks = (torch.arange(max_seq_len) < kvcache_start_index,
+                 torch.arange(num_tokens)[None, :] <= torch.arange(num_tokens)[:, None])
         x = model.embed_tokens.index_select(0, ids)  # [S, D]
-        presents = []
-        for layer, split, past in zip(model.layers, self.splits, past_key_values):
-            h = model._rms_norm(x, layer['input_norm'])
-            # q and k as one tensor (normalized and rotated together), v apart: separate
-            # matmuls over the fused weight's rows keep every reshape on a contiguous tensor
-            qk = F.linear(h, split['qk'], split['qk_bias']).reshape(
-                num_tokens, model.qk_heads, head_dim).transpose(0, 1)  # [H + Hkv, S, hd]
-            v = F.linear(h, split['v'], split['v_bias']).reshape(
-                num_tokens, num_kv_heads, head_dim).transpose(0, 1)  # [Hkv, S, hd]
-            if layer['qk_norm'] is not None:
-                qk = model._rms_norm(qk, layer['qk_norm'])
-            half = head_dim // 2
-            rotated = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)  # roll by hd / 2
-            qk = qk * cos + rotated * sin_signed
-            q, k = qk.split((config.num_heads, num_kv_heads))  # [H | Hkv, S, hd]
-            presents.append(torch.stack((k, v))[None])  # [1, 2, Hkv, S, hd]
-            # GQA: the g query heads of a KV head as g * S rows against it
-            q = q.reshape(num_kv_heads, group * num_tokens, head_dim)  # [Hkv, g S, hd]
-            scores_past = torch.matmul(q, past[0, 0].transpose(1, 2)) * scale  # [Hkv, gS, T]
-            scores_new = torch.matmul(q, k.transpose(1, 2)) * scale  # [Hkv, g S, S]
-            scores_past = scores_past.masked_fill(~past_valid, float('-inf'))
-            scores_new = scores_new.masked_fill(~causal.repeat(group, 1), float('-inf'))
-            probabilities = torch.softmax(
-                torch.cat((scores_past, scores_new), dim=-1).float(), dim=-1).to(q.dtype)
-            attention = (torch.matmul(probabilities[..., :max_seq_len], past[0, 1])
-                         + torch.matmul(probabilities[..., max_seq_len:], v))  # [Hkv, gS, hd]
-            attention = attention.reshape(config.num_heads, num_tokens, head_dim).transpose(
-                0, 1).reshape(num_tokens, model.q_size)  # [S, H hd]
-            x = x + model.linears.apply(attention, layer['o'])
-            h = model._rms_norm(x, layer['post_attention_norm'])
-            gate = F.linear(h, split['gate'])  # [S, I]
-            up = F.linear(h, split['up'])  # [S, I]
-            x = x + model.linears.apply(F.silu(gate) * up, layer['down'])
+        x, presents, conv_states = self.layers(x, kvcache_start_index, pasts, convs, rope, masks)
         x = model._rms_norm(x.index_select(0, last_token_ids[0]), model.final_norm)  # [R, D]
-        return (model.logits(x)[None], *presents)
+        return (model.logits(x)[None], *presents, *conv_states)
+
+    def num_kv_layers(self) -> int:
+        """How many attention layers (KV bindings) the model has."""
+        return len(self.model.layers)
+
+
+class LlamaStepGraph(StepGraph):
+    """The Llama family: attention in every layer."""
+
+    def layers(self, x, start, pasts, convs, rope, masks):
+        """Run every layer; return x, the new KV per layer, no conv state."""
+        presents = []
+        for layer, split, past in zip(self.model.layers, self.splits, pasts):
+            h = self.model._rms_norm(x, layer['input_norm'])
+            attention, present = self.attention(layer, split, h, past, rope, masks)
+            presents.append(present)
+            x = x + self.model.linears.apply(attention, layer['o'])
+            h = self.model._rms_norm(x, layer['post_attention_norm'])
+            x = x + self.mlp(layer['down'], split, h)
+        return x, presents, []
+
+
+class Lfm2StepGraph(StepGraph):
+    """LFM2: gated short convolutions (conv state in, new conv state out) and attention."""
+
+    def num_kv_layers(self) -> int:
+        """How many attention layers (KV bindings) the model has."""
+        return len(self.model.config.attention_layers)
+
+    def layers(self, x, start, pasts, convs, rope, masks):
+        """Run every layer; return x, the new KV per attention layer, the new conv states."""
+        model = self.model
+        kernel_size = model.config.conv_kernel_size
+        presents, conv_states = [], []
+        for index, (layer, split) in enumerate(zip(model.layers, self.splits)):
+            ordinal = model.state_index[index]
+            h = model._rms_norm(x, layer['operator_norm'])
+            if 'qkv' in layer:
+                attention, present = self.attention(layer, split, h, pasts[ordinal], rope,
+                                                    masks)
+                presents.append(present)
+                x = x + model.linears.apply(attention, layer['out_proj'])
+            else:
+                # the last K inputs before the chunk (none at position 0), then B * x
+                previous = torch.where(start == 0, torch.zeros_like(convs[ordinal][0]),
+                                       convs[ordinal][0])  # [D, K]
+                b, c, xs = model.linears.apply(h, layer['in_proj']).chunk(3, dim=-1)  # [S, D]
+                window = torch.cat((previous.transpose(0, 1), b * xs))  # [K + S, D]
+                conv_states.append(window[-kernel_size:].transpose(0, 1)[None])  # [1, D, K]
+                num_tokens = h.shape[0]
+                taps = layer['conv_taps']  # [K, D] fp32
+                conv = window[1:1 + num_tokens] * taps[0]
+                for tap in range(1, kernel_size):
+                    conv = conv + window[tap + 1:tap + 1 + num_tokens] * taps[tap]
+                if layer['conv_bias'] is not None:
+                    conv = conv + layer['conv_bias']
+                x = x + model.linears.apply(c * conv.to(x.dtype), layer['out_proj'])
+            h = model._rms_norm(x, layer['ffn_norm'])
+            x = x + self.mlp(layer['w2'], split, h)
+        return x, presents, conv_states
+
+
+STEP_GRAPHS = {'llama': LlamaStepGraph, 'lfm2': Lfm2StepGraph}
 
 
 def export_key(model, weights_sha256: str, layout: StateLayout) -> str:
@@ -220,7 +326,7 @@ def export_onnx(model, layout: StateLayout, path: Path, progress=None) -> Path:
     report(f'exporting the {model.family} step graph to ONNX (opset {OPSET}, '
            f'{len(inputs) - 3} KV bindings) ...')
     with torch.inference_mode(False), torch.no_grad():
-        exported = torch.export.export(LlamaStepGraph(model), example,
+        exported = torch.export.export(STEP_GRAPHS[model.family](model), example,
                                        dynamic_shapes=dynamic_shapes)
         report(f'  traced ({time.monotonic() - started:.1f} s); converting to ONNX ...')
         program = torch.onnx.export(

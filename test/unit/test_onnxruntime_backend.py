@@ -12,7 +12,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-The ``onnxruntime`` backend on a random-weight Llama.
+The ``onnxruntime`` backend on random-weight Llama and LFM2 models.
 
 The exported graph's contract, parity with the torch backend, state bound by address with only
 the new positions written, the export cache, capsules on it (property-based programs) and the
@@ -39,20 +39,26 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp('model-cache')
 
 
+@pytest.fixture(scope='module', params=['llama', 'lfm2'])
+def model_dir(request, tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp(f'tiny-{request.param}'),
+                            family=request.param)
+
+
 @pytest.fixture(scope='module')
-def engines(tiny_model_dir, cache_dir, tmp_path_factory):
+def engines(model_dir, cache_dir, tmp_path_factory):
     """Build an engine per backend on the same checkpoint (fp32)."""
     progress = []
-    ort = make_engine(tiny_model_dir, tmp_path_factory.mktemp('ort'), backend=ORT,
+    ort = make_engine(model_dir, tmp_path_factory.mktemp('ort'), backend=ORT,
                       model={'cache_dir': str(cache_dir)}, progress=progress.append)
-    torch_engine = make_engine(tiny_model_dir, tmp_path_factory.mktemp('torch'))
+    torch_engine = make_engine(model_dir, tmp_path_factory.mktemp('torch'))
     return ort, torch_engine, progress
 
 
 def test_the_graph_has_the_contract_names_shapes_and_dtypes(engines, cache_dir):
     import onnx
     ort, _, progress = engines
-    assert any('exporting the llama step graph' in line for line in progress)
+    assert any(f'exporting the {ort.model.family} step graph' in line for line in progress)
     proto = onnx.load(str(ort.model.path), load_external_data=False)
     graph = {value.name: value for value in list(proto.graph.input) + list(proto.graph.output)}
     expected = export.contract(ort.layout, ort.model_config.vocab_size)
@@ -70,6 +76,12 @@ def test_the_graph_has_the_contract_names_shapes_and_dtypes(engines, cache_dir):
     assert graph['past_key_values_0'].type.tensor_type.shape.dim[3].dim_value == max_seq_len
     assert f'past_key_values_{num_layers - 1}' in graph
     assert f'present_key_values_{num_layers}' not in graph
+    if 'conv' in ort.layout.by_name:  # LFM2: every conv layer's state in and out, whole
+        num_conv, hidden_size, kernel_size = ort.layout.by_name['conv'].shape
+        for name in (f'conv_state_{num_conv - 1}', f'present_conv_state_{num_conv - 1}'):
+            shape = tuple(dim.dim_value for dim in graph[name].type.tensor_type.shape.dim)
+            assert shape == (1, hidden_size, kernel_size)
+        assert f'conv_state_{num_conv}' not in graph
 
 
 def test_onnxruntime_matches_torch_greedy_and_speculative(engines):
@@ -93,27 +105,37 @@ def test_a_step_reads_the_slot_by_address_and_writes_only_the_new_positions(engi
     torch_engine.model.forward(ids, 0, reference)
     ort.model.forward(ids[:12], 0, state)
     state['kv'][:, :, :, 20:] = 7.0  # stale positions past the step: must stay untouched
-    logits = ort.model.forward(ids[12:], 12, state, all_logits=True)  # [8, V]
+    out_state = dict(state)
+    if 'conv' in state:  # copy-on-write: the new conv state goes to a fresh target
+        before = state['conv'].clone()
+        out_state['conv'] = torch.full_like(state['conv'], float('nan'))
+    logits = ort.model.forward(ids[12:], 12, state, all_logits=True,
+                               out_state=out_state)  # [8, V]
     assert logits.shape == (8, ort.model_config.vocab_size)
     torch.testing.assert_close(state['kv'][:, :, :, :20], reference['kv'][:, :, :, :20],
                                rtol=0, atol=1e-5)
     assert bool((state['kv'][:, :, :, 20:] == 7.0).all())
+    if 'conv' in state:
+        assert torch.equal(state['conv'], before)  # the input state is left as it was
+        torch.testing.assert_close(out_state['conv'], reference['conv'], rtol=0, atol=1e-5)
+        state['conv'] = out_state['conv']
     one = ort.model.forward(ids[:1], 20, state)  # a decode step: logits [V]
     assert one.shape == (ort.model_config.vocab_size,)
 
 
-def test_the_export_is_cached_by_weights_layout_and_length(engines, tiny_model_dir, cache_dir,
+def test_the_export_is_cached_by_weights_layout_and_length(engines, model_dir, cache_dir,
                                                            tmp_path):
     ort, _, _ = engines
     progress = []
-    again = make_engine(tiny_model_dir, tmp_path / 'again', backend=ORT,
+    again = make_engine(model_dir, tmp_path / 'again', backend=ORT,
                         model={'cache_dir': str(cache_dir)}, progress=progress.append)
     assert again.model.path == ort.model.path
     assert not any('exporting' in line for line in progress)
-    longer = make_engine(tiny_model_dir, tmp_path / 'longer', backend=ORT,
+    before = set(Path(cache_dir, 'onnx').iterdir())
+    longer = make_engine(model_dir, tmp_path / 'longer', backend=ORT,
                          model={'cache_dir': str(cache_dir)}, engine={'max_seq_len': 128})
     assert longer.model.path != ort.model.path  # T is part of the graph
-    assert len(list(Path(cache_dir, 'onnx').iterdir())) == 2
+    assert set(Path(cache_dir, 'onnx').iterdir()) - before == {longer.model.path.parent}
 
 
 def test_capsules_on_onnxruntime_follow_the_replay(engines):
@@ -122,11 +144,11 @@ def test_capsules_on_onnxruntime_follow_the_replay(engines):
     run_capsule_programs(ort, max_examples=10, steps=20, speculative='lookup')
 
 
-def test_a_torch_capsule_is_refused_on_onnxruntime(engines, tiny_model_dir):
+def test_a_torch_capsule_is_refused_on_onnxruntime(engines, model_dir):
     ort, torch_engine, _ = engines
     assert ort.fingerprint != torch_engine.fingerprint  # the fingerprint names the backend
     # a torch engine saving into the ORT engine's capsule directory
-    neighbour = make_engine(tiny_model_dir, ort.config.capsules.directory().parent)
+    neighbour = make_engine(model_dir, ort.config.capsules.directory().parent)
     session = neighbour.create_session(system_prompt=False)
     neighbour.append(session, REPEATING, role='raw')
     neighbour.snapshot(session, 'from-torch')
@@ -140,9 +162,9 @@ def test_what_the_compiled_path_does_not_run_is_refused_by_parameter(tiny_model_
                                                                      cache_dir):
     with pytest.raises(InvalidArgumentError, match='parameter model.dtype: .*float32'):
         make_engine(tiny_model_dir, tmp_path / 'a', dtype='bfloat16', backend=ORT)
-    lfm2 = write_tiny_model(tmp_path / 'lfm2', family='lfm2')
-    with pytest.raises(InvalidArgumentError, match='parameter backend.kind: .*lfm2'):
-        make_engine(lfm2, tmp_path / 'b', backend=ORT, model={'cache_dir': str(cache_dir)})
+    qwen = write_tiny_model(tmp_path / 'qwen', family='qwen3_5_text')
+    with pytest.raises(InvalidArgumentError, match='parameter backend.kind: .*qwen3_5'):
+        make_engine(qwen, tmp_path / 'b', backend=ORT, model={'cache_dir': str(cache_dir)})
     with_head = write_random_mtp_head(write_tiny_model(tmp_path / 'mtp'))
     with pytest.raises(InvalidArgumentError, match='parameter generation.speculative: mtp'):
         make_engine(with_head, tmp_path / 'c', backend=ORT, generation={'speculative': 'mtp'},

@@ -78,7 +78,7 @@ class CompiledStepModel:
         self.weights_format = weights_format
         self._specs = model.state_specs()
         self.bindings = export.contract(layout, model.config.vocab_size)
-        self.kv_layers = layout.by_name['kv'].shape[0]
+        self.kv_layers = layout.by_name['kv'].shape[0]  # attention layers
 
     def state_specs(self):
         """Name every live buffer a session slot needs (the torch model's, unchanged)."""
@@ -109,14 +109,31 @@ class CompiledStepModel:
             tensors[export.past_name(layer)] = kv[layer][None]  # the slot buffer itself
             tensors[export.present_name(layer)] = presents[layer]
         tensors['presents'] = presents
+        if 'conv' in state:  # [Lc, D, K]: bound by address, the new state into a fresh one
+            conv = state['conv']
+            new_conv = torch.empty_like(conv)
+            for layer in range(conv.shape[0]):
+                tensors[export.conv_name(layer)] = conv[layer][None]
+                tensors[export.present_conv_name(layer)] = new_conv[layer][None]
+            tensors['new_conv'] = new_conv
         return StepBindings(tensors, start_pos, num_tokens, all_logits)
 
     @staticmethod
-    def finish(step: StepBindings, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Write the new positions into the slot; return logits [S, V] or [V]."""
+    def finish(step: StepBindings, state: dict[str, torch.Tensor],
+               out_state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """
+        Write the new positions into the slot and the new conv state into ``out_state``.
+
+        The graph never writes an input (ONNX Runtime does not promise in-place aliasing), so
+        the conv state comes out in a fresh buffer and is copied into the target (60 KiB for
+        LFM2-350M), which is ``state``'s own buffer or, after a snapshot, a fresh one
+        (copy-on-write). Returns logits [S, V] or [V].
+        """
         kv = state['kv']
         end_pos = step.start_pos + step.num_tokens
         kv[:, :, :, step.start_pos:end_pos] = step.tensors['presents'][:, 0]
+        if 'new_conv' in step.tensors:
+            out_state['conv'].copy_(step.tensors['new_conv'])
         logits = step.tensors[export.LOGITS][0]  # [R, V]
         return logits if step.all_logits else logits[0]
 
@@ -133,4 +150,4 @@ class CompiledStepModel:
                                        'on backend.kind: torch)')
         step = self.bind(token_ids, start_pos, state, all_logits)
         self._run(step)
-        return self.finish(step, state)
+        return self.finish(step, state, state if out_state is None else out_state)
