@@ -15,7 +15,7 @@
 Launch the capsule_ros policy node as a managed (lifecycle) node.
 
 ros2 launch capsule_ros policy.launch.py [params_file:=...] [namespace:=...]
-    [model_path:=...] [backend:=torch] [autostart:=true|false]
+    [model_path:=...] [backend:=torch|onnxruntime|tensorrt] [autostart:=true|false]
 
 With autostart (the default) the launch system configures the node as soon as it starts and
 activates it once it is inactive, through the node's lifecycle services.
