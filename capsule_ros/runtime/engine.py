@@ -43,10 +43,11 @@ from capsule_ros.runtime.errors import (BudgetExceededError,
 from capsule_ros.runtime.generate import (decode_loop, DecodeRequest, GenerationResult,
                                           StopReason)
 from capsule_ros.runtime.models import registry
-from capsule_ros.runtime.models.mtp import has_mtp_head, MTP_HIDDEN, MtpHead
+from capsule_ros.runtime.models.mtp import has_mtp_head, MtpHead
 from capsule_ros.runtime.sampling import new_generator
 from capsule_ros.runtime.slots import Segment, Slot, SlotResidency
-from capsule_ros.runtime.speculative import MtpDrafter, PromptLookupDrafter, Speculation
+from capsule_ros.runtime.speculative import (MtpDrafter, PromptLookupDrafter, SlotVerifier,
+                                             Speculation)
 from capsule_ros.runtime.state import BufferSpec, StateKind, StateLayout
 
 import torch
@@ -500,58 +501,19 @@ class PolicyEngine:
 
     def _speculation(self, session: Session, mode: SpeculativeMode, num_draft_tokens: int,
                      sampling: SamplingConfig) -> Speculation | None:
-        """
-        Drafting, verification and rollback for one generation in ``session`` (held).
-
-        Rollback after a rejected draft: KV, the MTP head's KV and the token journal are
-        append-only, so moving the position back undoes them, and the verify pass's rows of
-        the last kept token become the last logits (and the MTP head's last hidden state).
-        Conv and recurrent state are overwritten by every token and cannot be un-applied:
-        the verify pass writes them copy-on-write (the state before it is kept by reference,
-        no copy), and a partial accept puts that state back and runs the kept tokens again,
-        which costs one more forward pass of at most k tokens only when a draft was rejected.
-        Keeping per-position states instead would cost a copy of every recurrent state per
-        verified token on every pass, accepted or not.
-        """
+        """Drafting, verification and rollback for one generation in ``session`` (held)."""
         if mode is SpeculativeMode.OFF or num_draft_tokens == 0:
             return None
         if mode is SpeculativeMode.MTP and self.mtp is None:
             raise InvalidArgumentError(self._no_mtp_head())
         slot = session.slot
-        # conv / recurrent state: put back and re-run; MTP's last hidden alone: a verify row
-        rerun = any(name != MTP_HIDDEN for name in self.residency.overwritten_names)
-        last: dict = {}  # the latest verify pass: where it started, its tokens, the state before
-
-        def prepare_write() -> None:
-            with self._lock:
-                self.residency.prepare_write(slot, session.position)
-
-        def verify(token_ids: list[int]) -> torch.Tensor:
-            prepare_write()
-            before = self.residency.share_fixed(slot) if rerun else None
-            last.update(start=session.position, tokens=token_ids, before=before)
-            ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-            last['rows'], last['hidden'] = self._forward(session, ids, all_logits=True)
-            return last['rows']  # [T, V]
-
-        def keep(count: int) -> None:
-            if not rerun:
-                session.position = last['start'] + count
-                slot.buffers['last_logits'].copy_(last['rows'][count - 1])
-                if last['hidden'] is not None:
-                    slot.buffers[MTP_HIDDEN].copy_(last['hidden'][count - 1])
-                return
-            self.residency.adopt_fixed(slot, last['before'])
-            session.position = last['start']
-            ids = torch.tensor(last['tokens'][:count], dtype=torch.int64, device=self.device)
-            self._forward(session, ids)
-
+        verifier = SlotVerifier(session, self.residency, self._lock, self._forward)
         if mode is SpeculativeMode.MTP:
             drafter = MtpDrafter(self.mtp, lambda: slot.buffers, lambda: session.position,
-                                 prepare_write, sampling, session.generator)
+                                 verifier.prepare_write, sampling, session.generator)
         else:
             drafter = PromptLookupDrafter(slot.buffers['tokens'][:session.position].tolist())
-        return Speculation(drafter, num_draft_tokens, verify, keep)
+        return Speculation(drafter, num_draft_tokens, verifier.verify, verifier.keep)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (special tokens in the text are recognized)."""

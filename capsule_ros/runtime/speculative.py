@@ -32,13 +32,14 @@ Row ``i`` of its logits is what plain decoding would have seen after ``d_i`` (``
   distribution is exactly ``p``'s; every draw uses the session's RNG, so capsules reproduce
   samples.
 
-The engine then keeps the accepted prefix and rolls the rest back (see PolicyEngine).
+The engine then keeps the accepted prefix and rolls the rest back (``SlotVerifier``).
 """
 
 from dataclasses import dataclass
 from typing import Callable
 
 from capsule_ros.runtime.config import SamplingConfig
+from capsule_ros.runtime.models.mtp import MTP_HIDDEN
 from capsule_ros.runtime.sampling import sample_from, token_distribution
 import torch
 
@@ -143,6 +144,68 @@ class MtpDrafter:
         if distributions:
             self.probabilities = torch.stack(distributions)  # [k, V]
         return drafts
+
+
+class SlotVerifier:
+    """
+    Verify passes over one session's slot, and the rollback of the drafts they rejected.
+
+    KV, the MTP head's KV and the token journal are append-only, so moving the position back
+    undoes them, and the verify pass's rows of the last kept token become the last logits (and
+    the MTP head's last hidden state). Conv and recurrent state are overwritten by every token
+    and cannot be un-applied: the verify pass writes them copy-on-write (the state before it is
+    kept by reference, no copy), and a partial accept puts that state back and runs the kept
+    tokens again, which costs one more forward pass of at most k tokens only when a draft was
+    rejected. Keeping per-position states instead would cost a copy of every recurrent state
+    per verified token on every pass, accepted or not.
+    """
+
+    def __init__(self, session, residency, lock, forward: Callable):
+        """
+        Verify in ``session`` (held by the caller) through the engine's ``forward``.
+
+        ``forward(session, ids, all_logits)`` runs ids at the session's position and advances
+        it, returning the logits and (with an MTP head) the hidden states; ``residency`` is the
+        engine's SlotResidency, used under ``lock``.
+        """
+        self.session = session
+        self.residency = residency
+        self.lock = lock
+        self.forward = forward
+        self.device = session.slot.buffers['tokens'].device
+        # conv / recurrent state: put back and re-run; MTP's last hidden alone: a verify row
+        self.rerun = any(name != MTP_HIDDEN for name in residency.overwritten_names)
+        self._last: dict = {}  # the latest pass: its start, tokens, rows, hidden, state before
+
+    def prepare_write(self) -> None:
+        """Copy-on-write of what capsules need of the slot from the session's position on."""
+        with self.lock:
+            self.residency.prepare_write(self.session.slot, self.session.position)
+
+    def verify(self, token_ids: list[int]) -> torch.Tensor:
+        """Run tokens at the session's position in one pass; return fp32 logits [T, V]."""
+        session = self.session
+        self.prepare_write()
+        before = self.residency.share_fixed(session.slot) if self.rerun else None
+        self._last.update(start=session.position, tokens=token_ids, before=before)
+        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        self._last['rows'], self._last['hidden'] = self.forward(session, ids, all_logits=True)
+        return self._last['rows']
+
+    def keep(self, count: int) -> None:
+        """Keep the first ``count`` verified tokens, as if only they had been run."""
+        session, last = self.session, self._last
+        buffers = session.slot.buffers
+        if not self.rerun:
+            session.position = last['start'] + count
+            buffers['last_logits'].copy_(last['rows'][count - 1])
+            if last['hidden'] is not None:
+                buffers[MTP_HIDDEN].copy_(last['hidden'][count - 1])
+            return
+        self.residency.adopt_fixed(session.slot, last['before'])
+        session.position = last['start']
+        ids = torch.tensor(last['tokens'][:count], dtype=torch.int64, device=self.device)
+        self.forward(session, ids)
 
 
 @dataclass
