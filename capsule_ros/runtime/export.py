@@ -63,7 +63,6 @@ EXPORTER_VERSION = 1  # bump whenever the graph or the contract changes
 OPSET = 18
 INPUT_IDS, START_INDEX, LAST_TOKEN_IDS, LOGITS = (
     'input_ids', 'kvcache_start_index', 'last_token_ids', 'logits')
-EXPORTABLE_FAMILIES = ('llama', 'lfm2')
 
 
 def past_name(layer: int) -> str:
@@ -174,10 +173,6 @@ class StepGraph(torch.nn.Module):
     def __init__(self, model):
         """Hold ``model``'s prepared weights (dense and unpacked)."""
         super().__init__()
-        if model.family not in EXPORTABLE_FAMILIES:
-            raise InvalidArgumentError(
-                f'ONNX export supports {", ".join(EXPORTABLE_FAMILIES)}; {model.family} runs on '
-                f'backend.kind: torch')
         if model.linears.packed or model.linears.num_int4:
             raise InvalidArgumentError('ONNX export needs dense weights (model.dtype float32, '
                                        'model.quantization none)')
@@ -296,6 +291,7 @@ class Lfm2StepGraph(StepGraph):
 
 
 STEP_GRAPHS = {'llama': LlamaStepGraph, 'lfm2': Lfm2StepGraph}
+EXPORTABLE_FAMILIES = tuple(STEP_GRAPHS)
 
 
 def export_key(model, weights_sha256: str, layout: StateLayout) -> str:

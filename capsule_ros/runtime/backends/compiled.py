@@ -22,6 +22,7 @@ write of a step. The backends differ only in how they hand addresses to their ru
 """
 
 from dataclasses import dataclass
+import json
 from pathlib import Path
 
 from capsule_ros.runtime import export
@@ -43,13 +44,14 @@ def prepare_graph(model_config, weights: dict, weights_sha256: str, dtype: torch
         raise InvalidArgumentError(
             f'parameter model.dtype: the compiled backends run the exported graph in float32 '
             f'here (got {dtype}); set model.dtype: float32')
-    model = registry.build_model(model_config, weights, dtype, torch.device('cpu'),
-                                 max_seq_len, 'none')
-    if model.family not in export.EXPORTABLE_FAMILIES:
+    family = registry.family_of(json.loads(model_config.hf_config_json))
+    if family not in export.EXPORTABLE_FAMILIES:  # refused before any weight is prepared
         raise InvalidArgumentError(
             f'parameter backend.kind: the compiled backends run the '
-            f'{", ".join(export.EXPORTABLE_FAMILIES)} family so far; {model.family} runs on '
+            f'{", ".join(export.EXPORTABLE_FAMILIES)} family so far; {family} runs on '
             f'backend.kind: torch')
+    model = registry.build_model(model_config, weights, dtype, torch.device('cpu'),
+                                 max_seq_len, 'none')
     layout = StateLayout(model.state_specs())
     path = export.cached_export(model, weights_sha256, layout, Path(cache_dir) / 'onnx',
                                 progress)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import json
 
 from capsule_ros.runtime.errors import InvalidArgumentError
-from capsule_ros.runtime.models.decoder import final_logits
+from capsule_ros.runtime.models.decoder import causal_mask, final_logits
 from capsule_ros.runtime.models.linear import LinearFactory
 from capsule_ros.runtime.state import BufferSpec, StateKind
 import torch
@@ -697,14 +697,9 @@ class Qwen35Model:
             attention = F.scaled_dot_product_attention(grouped, keys[None], values[None])
             attention = attention.reshape(1, self.q_size)  # [1, H hd]
         else:
-            attn_mask = None
-            if start_pos > first_key:
-                # [S, end]: query i (at start_pos + i) sees keys j <= start_pos + i
-                key_positions = torch.arange(first_key, end_pos, device=self.device)
-                query_positions = torch.arange(start_pos, end_pos, device=self.device)
-                attn_mask = key_positions[None, :] <= query_positions[:, None]
+            attn_mask, is_causal = causal_mask(start_pos, end_pos, first_key, self.device)
             attention = F.scaled_dot_product_attention(
                 q[None], keys[None], values[None], attn_mask=attn_mask,
-                is_causal=start_pos == first_key, enable_gqa=True)  # [1, H, S, hd]
+                is_causal=is_causal, enable_gqa=True)  # [1, H, S, hd]
             attention = attention[0].transpose(0, 1).reshape(num_tokens, self.q_size)
         return self.linears.apply(attention * torch.sigmoid(gate), layer['o'])
