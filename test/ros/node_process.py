@@ -128,7 +128,7 @@ def generate_ok(client, session_id, max_new_tokens):
 
 
 def latest_diagnostics(client):
-    """Wait up to 10 s for a /diagnostics message; return its key/values as a dict."""
+    """Wait up to 10 s for a /diagnostics message; return its one status's name and values."""
     from diagnostic_msgs.msg import DiagnosticArray
     received = []
     subscription = client.node.create_subscription(
@@ -141,7 +141,8 @@ def latest_diagnostics(client):
     finally:
         client.node.destroy_subscription(subscription)
     assert received, 'no /diagnostics message within 10 s'
-    return {item.key: item.value for item in received[-1].status[0].values}
+    (status,) = received[-1].status
+    return status.name, {item.key: item.value for item in status.values}
 
 
 def greedy_in_process(model_dir, tmp_path, prompt, steps):

@@ -33,7 +33,7 @@ from capsule_ros.ros.client import CapsuleClient
 from capsule_ros.ros.client import error_name
 from capsule_ros.ros.load_probe import run_load
 from capsule_ros.srv import Append
-from diagnostic_msgs.msg import DiagnosticArray
+from node_process import latest_diagnostics
 from node_process import light_parameters
 from node_process import NodeProcess
 from node_process import run_cli
@@ -480,27 +480,15 @@ def test_events_topic_reports_each_capsule_verb(client, node):
 
 def test_diagnostics_report_model_budget_and_latencies(client):
     """/diagnostics carries the engine status: model, fingerprint, budget, counts."""
-    received = []
-    subscription = client.node.create_subscription(
-        DiagnosticArray, '/diagnostics', received.append, 10)
-    try:
-        for _ in range(100):
-            if received:
-                break
-            client.spin_once(0.1)
-        assert received, 'no /diagnostics message within 10 s'
-        (status,) = received[-1].status
-        assert status.name == '/capsule: policy engine'
-        values = {item.key: item.value for item in status.values}
-        assert 'SmolLM2' in values['model']
-        assert len(values['fingerprint']) == 32
-        assert int(values['budget_bytes']) == BUDGET_BYTES
-        assert int(values['used_bytes']) <= BUDGET_BYTES
-        live = len(ok(client.list_capsules()).capsules)
-        assert int(values['capsules']) == live and int(values['max_sessions']) == 6
-        assert 'last_snapshot_ms' in values  # earlier tests snapshotted
-    finally:
-        client.node.destroy_subscription(subscription)
+    name, values = latest_diagnostics(client)
+    assert name == '/capsule: policy engine'
+    assert 'SmolLM2' in values['model']
+    assert len(values['fingerprint']) == 32
+    assert int(values['budget_bytes']) == BUDGET_BYTES
+    assert int(values['used_bytes']) <= BUDGET_BYTES
+    live = len(ok(client.list_capsules()).capsules)
+    assert int(values['capsules']) == live and int(values['max_sessions']) == 6
+    assert 'last_snapshot_ms' in values  # earlier tests snapshotted
 
 
 def test_cli_drives_every_subcommand(client):

@@ -53,7 +53,7 @@ def test_node_on_onnxruntime_serves_capsules_over_dds(tmp_path, context):
         child = ok(client.branch('on-the-graph', 1)).session_ids[0]
         assert list(generate_ok(client, child, 12).token_ids) == list(expected.token_ids)
 
-        values = latest_diagnostics(client)
+        _, values = latest_diagnostics(client)
         assert values['backend'] == 'onnxruntime/cpu'
     finally:
         client.close()

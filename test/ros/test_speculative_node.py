@@ -60,7 +60,7 @@ def test_speculative_node_reports_drafts_and_continues_exactly(tmp_path, context
         again = generate_ok(client, session_id, 12)
         assert list(again.token_ids) == list(expected.token_ids)
 
-        values = latest_diagnostics(client)
+        _, values = latest_diagnostics(client)
         assert values['speculative'] == f'{mode} (k=4)'
         drafted = sum(result.drafted_tokens for result in (first, expected, again))
         accepted = sum(result.accepted_tokens for result in (first, expected, again))
